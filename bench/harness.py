@@ -1,0 +1,200 @@
+"""Benchmark harness: timing, peak memory, the device's floor, and one results table.
+
+Every benchmark compares, in one run on one device, fastdistill against the eager PyTorch a
+user would write, ``torch.compile`` of it, and a peer where one exists. For each case it records
+the median time (fwd and/or fwd+bwd), the floor (bytes over the measured copy bandwidth, FLOPs
+over the measured matmul rate), the fraction of the floor reached and peak memory.
+
+GPU work is timed with ``triton.testing.do_bench`` (CUDA events, median); pytest-benchmark's own
+timer does not synchronise the GPU. On CPU a plain ``perf_counter`` loop is used (small sizes:
+the CPU numbers only show that the benchmarks run).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+RESULTS: list["Result"] = []
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def on_gpu() -> bool:
+    return device().type == "cuda"
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], Any], *, warmup_ms: float = 25, rep_ms: float = 100) -> dict[str, float]:
+    """Median / p20 / p80 milliseconds of ``fn()``."""
+    if on_gpu():
+        from triton.testing import do_bench
+
+        q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return {"median": q[0], "p20": q[1], "p80": q[2]}
+    fn()  # warm-up (compilation, caches)
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return {"median": statistics.median(times), "p20": pick(0.2), "p80": pick(0.8)}
+
+
+def peak_memory_bytes(fn: Callable[[], Any]) -> dict[str, int | None]:
+    """Peak device memory of one ``fn()`` call: incremental (over what was allocated before) and absolute."""
+    if not on_gpu():
+        return {"incremental": None, "absolute": None}
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return {"incremental": peak - base, "absolute": peak}
+
+
+@functools.lru_cache(maxsize=None)
+def ceilings() -> dict[str, float]:
+    """Measured copy bandwidth (bytes/s, read + write counted) and bf16 matmul rate (FLOP/s)."""
+    dev = device()
+    if dev.type == "cuda":
+        n = 1 << 28  # 512 MiB of bf16 read + 512 MiB written: far beyond L2
+        src = torch.empty(n, dtype=torch.bfloat16, device=dev).uniform_()
+        dst = torch.empty_like(src)
+        t = time_ms(lambda: dst.copy_(src))["median"] / 1e3
+        bw = 2 * n * 2 / t
+        m = 8192
+        a = torch.randn(m, m, dtype=torch.bfloat16, device=dev)
+        b = torch.randn(m, m, dtype=torch.bfloat16, device=dev)
+        t = time_ms(lambda: a @ b)["median"] / 1e3
+        rate = 2 * m**3 / t
+        del src, dst, a, b
+        torch.cuda.empty_cache()
+    else:
+        n = 1 << 24
+        src = torch.rand(n)
+        dst = torch.empty_like(src)
+        t = time_ms(lambda: dst.copy_(src))["median"] / 1e3
+        bw = 2 * n * 4 / t
+        m = 512
+        a, b = torch.randn(m, m), torch.randn(m, m)
+        t = time_ms(lambda: a @ b)["median"] / 1e3
+        rate = 2 * m**3 / t
+    return {"copy_bytes_per_s": bw, "matmul_flop_per_s": rate}
+
+
+def floor_ms(*, flops: float = 0.0, bytes_moved: float = 0.0) -> float:
+    c = ceilings()
+    return 1e3 * max(flops / c["matmul_flop_per_s"], bytes_moved / c["copy_bytes_per_s"])
+
+
+@dataclass
+class Result:
+    op: str
+    case: str
+    provider: str
+    mode: str  # "fwd" or "fwd+bwd"
+    ms: float
+    p20: float
+    p80: float
+    flops: float
+    bytes_moved: float
+    floor_ms: float
+    fraction_of_floor: float
+    peak_incremental_bytes: int | None
+    peak_absolute_bytes: int | None
+    device: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_case(op: str, case: str, providers: dict[str, Callable[[], Any]], *, mode: str,
+             flops: float = 0.0, bytes_moved: float = 0.0, warmup_ms: float = 25, rep_ms: float = 100,
+             extra: dict[str, Any] | None = None) -> list[Result]:
+    """Time every provider on the same inputs and record the results (and return them).
+
+    A provider that raises (say, torch.compile unsupported, or out of memory) is recorded with
+    ``ms = nan`` and the error in ``extra`` rather than aborting the whole comparison.
+    """
+    fl = floor_ms(flops=flops, bytes_moved=bytes_moved)
+    out = []
+    name = torch.cuda.get_device_name() if on_gpu() else "cpu"
+    for provider, fn in providers.items():
+        info = dict(extra or {})
+        try:
+            t = time_ms(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+            mem = peak_memory_bytes(fn)
+        except Exception as exc:  # recorded, not hidden: shows as nan with the reason
+            info["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            t = {"median": math.nan, "p20": math.nan, "p80": math.nan}
+            mem = {"incremental": None, "absolute": None}
+            if on_gpu():
+                torch.cuda.empty_cache()
+        r = Result(op=op, case=case, provider=provider, mode=mode, ms=t["median"], p20=t["p20"], p80=t["p80"],
+                   flops=flops, bytes_moved=bytes_moved, floor_ms=fl,
+                   fraction_of_floor=(fl / t["median"]) if t["median"] == t["median"] and t["median"] > 0 else math.nan,
+                   peak_incremental_bytes=mem["incremental"], peak_absolute_bytes=mem["absolute"],
+                   device=name, extra=info)
+        out.append(r)
+        RESULTS.append(r)
+    return out
+
+
+def fwd_bwd(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], None]:
+    """A callable running forward and backward of the scalar ``fn()``, clearing input grads first."""
+    def step() -> None:
+        for t in inputs:
+            t.grad = None
+        fn().backward()
+    return step
+
+
+def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile`` of the eager baseline (what a user gets without fastdistill)."""
+    return torch.compile(fn, dynamic=False)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def dump(path: str) -> None:
+    """Write every recorded result, the ceilings and the environment to ``path`` (JSON)."""
+    import triton
+
+    payload = {
+        "device": torch.cuda.get_device_name() if on_gpu() else "cpu",
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "ceilings": ceilings(),
+        "results": [asdict(r) for r in RESULTS],
+    }
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)

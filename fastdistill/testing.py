@@ -1,0 +1,232 @@
+"""Test harness shared by every op test (and usable for kernels written on top of fastdistill).
+
+The contract a kernel is held to:
+
+* fresh random inputs on every run (the seed is printed on failure and can be pinned with
+  ``FASTDISTILL_TEST_SEED``), of awkward sizes: not multiples of block sizes, including 1;
+* outputs poisoned before the kernel runs (:func:`fastdistill._alloc.poison_outputs`), so an
+  element the kernel never wrote fails the comparison;
+* value and gradients compared against a float64 reference computed from the same inputs, with
+  tolerances by dtype (:data:`TOLERANCES`), on every backend that can run here;
+* a non-trivial upstream gradient (not all ones), so a backward that ignores ``grad_output``
+  fails.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from . import dispatch
+from ._alloc import poison_outputs
+
+#: Relative tolerance by input dtype: max|actual - expected| <= rtol * max(max|expected|, floor).
+TOLERANCES: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 1e-2,
+}
+
+#: Sizes that are not multiples of any block size used in fastdistill's kernels (and 1).
+AWKWARD_SIZES: tuple[int, ...] = (1, 3, 7, 17, 33, 67, 130)
+
+_LAST_SEED: list[int] = [0]
+
+
+def new_seed() -> int:
+    """A fresh seed for this draw (``FASTDISTILL_TEST_SEED`` pins it); remembered for error messages."""
+    pinned = os.environ.get("FASTDISTILL_TEST_SEED")
+    seed = int(pinned) if pinned else secrets.randbits(31)
+    _LAST_SEED[0] = seed
+    return seed
+
+
+def last_seed() -> int:
+    """The seed of the most recent :func:`generator` / :func:`new_seed` draw."""
+    return _LAST_SEED[0]
+
+
+def generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` seeded freshly (see :func:`new_seed`)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(new_seed())
+    return g
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+          gen: torch.Generator | None = None, scale: float = 1.0, requires_grad: bool = False) -> torch.Tensor:
+    """Normal random tensor drawn in fp32 then cast (so every dtype sees the same values, rounded)."""
+    gen = gen or generator("cpu")
+    t = (torch.randn(*shape, generator=gen, dtype=torch.float32) * scale).to(dtype=dtype, device=device)
+    return t.requires_grad_(requires_grad)
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    try:
+        return TOLERANCES[dtype]
+    except KeyError:
+        raise ValueError(f"no tolerance defined for dtype {dtype}") from None
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, name: str = "output",
+                 floor: float = 1e-6) -> None:
+    """Max-norm relative comparison: NaN or Inf in ``actual`` where ``expected`` is finite fails.
+
+    ``floor`` keeps the bound meaningful when the expected tensor is all (near) zero.
+    """
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    bad = ~torch.isfinite(a) & torch.isfinite(e)
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {a.numel()} elements are NaN/Inf (e.g. at {idx}): an element "
+            f"that was never written, or an overflow (seed {last_seed()})")
+    if a.numel() == 0:
+        return
+    err = (a - e).abs().max().item()
+    scale = max(e.abs().max().item(), floor)
+    if not err <= rtol * scale:
+        where = (a - e).abs().argmax().item()
+        raise AssertionError(
+            f"{name}: max abs error {err:.3e} > {rtol:.1e} * {scale:.3e} (relative {err / scale:.3e}); "
+            f"worst flat index {where}: got {a.flatten()[where].item():.6e}, "
+            f"expected {e.flatten()[where].item():.6e} (seed {last_seed()})")
+
+
+def _to_float64(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
+        return x.detach().to(torch.float64).requires_grad_(x.requires_grad)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_float64(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_float64(v) for k, v in x.items()}
+    return x
+
+
+def _flat_outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        flat: list[torch.Tensor] = []
+        for o in out:
+            flat.extend(_flat_outputs(o))
+        return flat
+    if hasattr(out, "_fields"):
+        return _flat_outputs(tuple(out))
+    raise TypeError(f"cannot compare output of type {type(out).__name__}")
+
+
+def _grad_leaves(args: Any) -> list[torch.Tensor]:
+    leaves: list[torch.Tensor] = []
+    if isinstance(args, torch.Tensor):
+        if args.requires_grad:
+            leaves.append(args)
+    elif isinstance(args, (list, tuple)):
+        for a in args:
+            leaves.extend(_grad_leaves(a))
+    elif isinstance(args, dict):
+        for a in args.values():
+            leaves.extend(_grad_leaves(a))
+    return leaves
+
+
+@dataclass
+class CheckResult:
+    outputs: list[torch.Tensor]
+    grads: list[torch.Tensor | None]
+
+
+def check_against_reference(
+    fn: Callable[..., Any],
+    reference: Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    dtype: torch.dtype,
+    backend: str | None = None,
+    rtol: float | None = None,
+    grad_rtol: float | None = None,
+    check_grads: bool = True,
+) -> CheckResult:
+    """Run ``fn(*args, **kwargs)`` (on ``backend``, outputs poisoned) and compare with
+    ``reference`` evaluated in float64 on upcast copies of the same inputs.
+
+    Every floating tensor in ``args``/``kwargs`` with ``requires_grad`` gets its gradient compared
+    too, under a random upstream gradient. ``dtype`` picks the tolerance (the dtype the kernel
+    computes in); ``rtol``/``grad_rtol`` override it.
+    """
+    kwargs = kwargs or {}
+    rtol = tolerance(dtype) if rtol is None else rtol
+    grad_rtol = rtol if grad_rtol is None else grad_rtol
+    leaves = _grad_leaves((args, kwargs))
+
+    ctx = dispatch.use_backend(backend) if backend is not None else _nullcontext()
+    with ctx, poison_outputs():
+        out = fn(*args, **kwargs)
+    outs = _flat_outputs(out)
+
+    ref_args, ref_kwargs = _to_float64(list(args)), _to_float64(kwargs)
+    ref_leaves = _grad_leaves((ref_args, ref_kwargs))
+    with dispatch.use_backend("reference"):
+        ref_out = reference(*ref_args, **ref_kwargs)
+    ref_outs = _flat_outputs(ref_out)
+    if len(outs) != len(ref_outs):
+        raise AssertionError(f"{len(outs)} outputs but the reference gave {len(ref_outs)}")
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        if o.dtype.is_floating_point:
+            assert_close(o, r, rtol=rtol, name=f"output[{i}] ({backend or 'auto'}, {dtype})")
+        else:
+            if not torch.equal(o.cpu(), r.cpu()):
+                raise AssertionError(f"output[{i}] ({backend or 'auto'}): integer output differs "
+                                     f"(seed {last_seed()})")
+
+    grads: list[torch.Tensor | None] = []
+    if check_grads and leaves:
+        diff = [(i, o, r) for i, (o, r) in enumerate(zip(outs, ref_outs)) if o.requires_grad]
+        if not diff:
+            raise AssertionError("inputs require grad but no output does")
+        gen = generator("cpu")
+        upstream = [torch.rand(o.shape, generator=gen, dtype=torch.float64) + 0.5 for _, o, _ in diff]
+        with ctx:
+            got = torch.autograd.grad([o for _, o, _ in diff], leaves,
+                                      [u.to(o.dtype).to(o.device) for u, (_, o, _) in zip(upstream, diff)],
+                                      allow_unused=True)
+        want = torch.autograd.grad([r for _, _, r in diff], ref_leaves,
+                                   [u.to(r.device) for u, (_, _, r) in zip(upstream, diff)], allow_unused=True)
+        for j, (g, w) in enumerate(zip(got, want)):
+            if w is None:
+                if g is not None and g.abs().max().item() != 0:
+                    raise AssertionError(f"grad[{j}]: reference has no gradient but the op gave a nonzero one")
+                grads.append(g)
+                continue
+            if g is None:
+                raise AssertionError(f"grad[{j}]: the op gave no gradient; the reference does")
+            assert_close(g, w, rtol=grad_rtol, name=f"grad[{j}] ({backend or 'auto'}, {dtype})")
+            grads.append(g)
+    return CheckResult(outputs=outs, grads=grads)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def backends_under_test(op: str, device: torch.device | str = "cpu",
+                        include: Iterable[str] | None = None) -> list[str]:
+    """Backends of ``op`` that can run on ``device`` here (optionally only those in ``include``)."""
+    found = dispatch.available_backends(op, device)
+    if include is not None:
+        wanted = set(include)
+        found = [b for b in found if b in wanted]
+    return found

@@ -1,0 +1,39 @@
+"""Shared fixtures for the test suite (see fastdistill.testing for the comparison harness)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdistill import _alloc
+from fastdistill.testing import last_seed
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible); run `pytest -m gpu` on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_outputs():
+    """Every kernel output buffer starts as NaN / INT_MIN, so unwritten elements fail."""
+    with _alloc.poison_outputs():
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        report.sections.append(("fastdistill", f"last random seed: {last_seed()} "
+                                               f"(pin with FASTDISTILL_TEST_SEED={last_seed()})"))
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
