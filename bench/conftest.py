@@ -24,6 +24,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.bench)
 
 
+try:
+    import pytest_benchmark  # noqa: F401
+
+    @pytest.fixture(autouse=True)
+    def _plugin_benchmark(benchmark):
+        """Hand pytest-benchmark's ``benchmark`` fixture to the harness (declared statically, so
+        ``--benchmark-only`` sees that every benchmark uses it)."""
+        harness._PLUGIN_FIXTURE[:] = [benchmark, False]
+        yield
+        harness._PLUGIN_FIXTURE[:] = [None, False]
+
+except ImportError:  # the plugin is optional: our own --benchmark flag works without it
+    pass
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not harness.RESULTS:
         return

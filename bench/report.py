@@ -1,0 +1,137 @@
+"""Run every fastdistill benchmark on this machine's device and write the results.
+
+    python bench/report.py                 # all benchmarks
+    python bench/report.py -k rdd          # a subset (pytest -k expression)
+
+Writes, under bench/results/:
+    <device>-<date>.json   every case: provider, mode, median/p20/p80 ms, FLOPs, bytes, floor, peak memory,
+                           plus the measured ceilings, the commit and the versions
+    <device>-<date>.md     per case: each provider's time, its speed-up over eager and over torch.compile,
+                           the fraction of the floor, and peak memory
+    <device>-<date>.png    speed-up of fastdistill over eager and torch.compile per case
+
+Numbers come only from this run on this device: commit the three files with the device name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def markdown(payload: dict) -> str:
+    rows = payload["results"]
+    c = payload["ceilings"]
+    lines = [
+        f"# fastdistill benchmarks: {payload['device']}",
+        "",
+        f"commit `{payload['commit']}`, torch {payload['torch']}, triton {payload['triton']}, CUDA {payload['cuda']}.",
+        f"Measured ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "
+        f"matmul {c['matmul_flop_per_s'] / 1e12:.1f} TFLOP/s (bf16 on GPU, fp32 on CPU).",
+        "Floor = max(FLOPs / matmul rate, bytes / copy bandwidth). Times are medians (CUDA events on GPU).",
+        "",
+        "| op | case | mode | provider | ms | vs eager | vs torch.compile | % of floor | peak (incremental) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    by_key: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        by_key.setdefault((r["op"], r["case"], r["mode"]), {})[r["provider"]] = r["ms"]
+    for r in rows:
+        ref = by_key[(r["op"], r["case"], r["mode"])]
+        ms = r["ms"]
+        ratio = lambda base: (f"{ref[base] / ms:.2f}x" if base in ref and ms == ms and ms > 0  # noqa: E731
+                              and ref[base] == ref[base] else "-")
+        frac = r["fraction_of_floor"]
+        err = f" ({r['extra']['error'][:60]})" if r.get("extra", {}).get("error") else ""
+        lines.append(
+            f"| {r['op']} | {r['case']} | {r['mode']} | {r['provider']}{err} | {ms:.3f} | {ratio('eager')} | "
+            f"{ratio('torch.compile')} | {100 * frac:.1f}% | {_fmt_bytes(r['peak_incremental_bytes'])} |"
+            if frac == frac else
+            f"| {r['op']} | {r['case']} | {r['mode']} | {r['provider']}{err} | {ms:.3f} | {ratio('eager')} | "
+            f"{ratio('torch.compile')} | - | {_fmt_bytes(r['peak_incremental_bytes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(payload: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_key: dict[tuple, dict[str, float]] = {}
+    for r in payload["results"]:
+        by_key.setdefault((r["op"], r["case"], r["mode"]), {})[r["provider"]] = r["ms"]
+    labels, vs_eager, vs_compile = [], [], []
+    for (op, case, mode), t in by_key.items():
+        if "fastdistill" not in t or not t["fastdistill"] == t["fastdistill"]:
+            continue
+        labels.append(f"{op}\n{case} {mode}")
+        vs_eager.append(t.get("eager", math.nan) / t["fastdistill"])
+        vs_compile.append(t.get("torch.compile", math.nan) / t["fastdistill"])
+    if not labels:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(labels)), 4.5))
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], vs_eager, width=0.4, label="vs eager")
+    ax.bar([i + 0.2 for i in x], vs_compile, width=0.4, label="vs torch.compile")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, rotation=70, ha="right", fontsize=6)
+    ax.set_ylabel("speed-up of fastdistill (x)")
+    ax.set_title(f"fastdistill on {payload['device']} ({payload['commit']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-k", default=None, help="pytest -k expression selecting benchmarks")
+    parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "raw.json")
+        cmd = [sys.executable, "-m", "pytest", HERE, "--benchmark", "-q", "-p", "no:cacheprovider"]
+        if args.k:
+            cmd += ["-k", args.k]
+        env = dict(os.environ, FASTDISTILL_BENCH_OUT=raw)
+        rc = subprocess.call(cmd, env=env, cwd=os.path.dirname(HERE))
+        if not os.path.exists(raw):
+            print("no benchmark results were recorded", file=sys.stderr)
+            return rc or 1
+        with open(raw) as f:
+            payload = json.load(f)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, f"{_slug(payload['device'])}-{_dt.date.today().isoformat()}")
+    with open(stem + ".json", "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(payload))
+    chart(payload, stem + ".png")
+    print(f"wrote {stem}.json, .md and .png")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
