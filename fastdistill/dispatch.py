@@ -59,6 +59,7 @@ _REGISTRY: dict[str, OpSpec] = {}
 # A plain module-level stack (not a ContextVar) so torch.compile traces through lookups.
 _FORCED_STACK: list[tuple[str, frozenset[str] | None]] = []
 _WARNED: set[tuple[str, str]] = set()
+_RECORDERS: list[set[tuple[str, str]]] = []
 
 
 def register_op(name: str, backends: Sequence[str]) -> OpSpec:
@@ -114,6 +115,17 @@ def forced_backend(op: str) -> str | None:
 
 
 @contextlib.contextmanager
+def record_backends() -> Iterator[set[tuple[str, str]]]:
+    """Collect the ``(op, backend)`` pairs selected inside the block (to report or assert what ran)."""
+    seen: set[tuple[str, str]] = set()
+    _RECORDERS.append(seen)
+    try:
+        yield seen
+    finally:
+        _RECORDERS.remove(seen)
+
+
+@contextlib.contextmanager
 def use_backend(backend: str, *, ops: Sequence[str] | None = None) -> Iterator[None]:
     """Force ``backend`` for every op (or only ``ops``) inside the block.
 
@@ -166,6 +178,13 @@ def select_backend(op: str, *tensors: torch.Tensor | None, device: torch.device 
 
     ``device`` names the device when the op has no tensor arguments to infer it from.
     """
+    backend = _select(op, tensors, device)
+    for seen in _RECORDERS:
+        seen.add((op, backend))
+    return backend
+
+
+def _select(op: str, tensors: Sequence[torch.Tensor | None], device: torch.device | str | None) -> str:
     try:
         spec = _REGISTRY[op]
     except KeyError:

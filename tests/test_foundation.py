@@ -210,3 +210,14 @@ def test_cli_info_runs_and_reports_extension():
     text = subprocess.run([sys.executable, "-m", "fastdistill", "info"], capture_output=True, text=True,
                           check=True).stdout
     assert "CUDA kernels compiled" in text
+
+
+def test_record_backends_collects_selections(toy_ops):
+    toy_ops("_toy_rec", ["cpp"])
+    with dispatch.record_backends() as seen:
+        dispatch.select_backend("_toy_rec", torch.ones(1))
+        with fastdistill.use_backend("reference"):
+            dispatch.select_backend("_toy_rec", torch.ones(1))
+    assert seen == {("_toy_rec", "cpp"), ("_toy_rec", "reference")}
+    dispatch.select_backend("_toy_rec", torch.ones(1))  # outside: not recorded
+    assert len(seen) == 2
