@@ -17,3 +17,11 @@ __all__ = [
     "FallbackWarning",
     "use_backend",
 ]
+
+# Public ops, one block per op module (each block: the import, then ``__all__ +=``).
+# --- relational (RDD, attention KL) ---
+# --- moment matching ---
+# --- routing (O2MKD) ---
+# --- attention ---
+# --- diffusion steps, BOOT, Adv-KD ---
+# --- distributed ---

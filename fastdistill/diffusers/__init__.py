@@ -1,0 +1,1 @@
+"""diffusers integration: the fused attention processor and helpers to install it on any model."""
