@@ -23,5 +23,10 @@ __all__ = [
 # --- moment matching ---
 # --- routing (O2MKD) ---
 # --- attention ---
+from .ops.attention import fused_attention  # noqa: E402
+
+__all__ += ["fused_attention"]
 # --- diffusion steps, BOOT, Adv-KD ---
 # --- distributed ---
+from . import distributed  # noqa: E402
+__all__ += ["distributed"]

@@ -84,6 +84,8 @@ def _print_info(info: dict[str, Any]) -> None:
     else:
         w(f"extension   NOT loaded: {ext['load_error']}\n")
     w("backends    (what can run here)\n")
+    if not info["gpus"]:
+        w("            (no GPU visible: the cuda rows say what would run on a GPU with this build)\n")
     for dev, table in info["backends"].items():
         for backend, status in table.items():
             w(f"  {dev:<5} {backend:<10} {status}\n")
@@ -100,11 +102,9 @@ def _import_all_ops() -> None:
 
     import fastdistill  # noqa: F401
 
+    # Import errors are not swallowed: an op module that fails to import is a broken install.
     for mod in ("fastdistill.nn",):
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
+        importlib.import_module(mod)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,7 +112,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, GPU, compiled kernels and available backends")
     p_info.add_argument("--json", action="store_true", help="print the report as JSON")
+    p_demo = sub.add_parser("demo", help="distil a small diffusion model end to end on embedded data and "
+                                         "compare the fused path with the reference path")
+    from .demo.runner import add_arguments as _demo_arguments
+
+    _demo_arguments(p_demo)
     args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from .demo.models import DemoError
+        from .demo.runner import run as run_demo
+
+        try:
+            report = run_demo(args)
+        except DemoError as exc:
+            sys.stderr.write(f"fastdistill demo: error: {exc}\n")
+            return 1
+        sys.stdout.write(f"wrote {report['outputs']['report_md']} (and report.json, samples.png, losses.png)\n")
+        return 0
 
     if args.command == "info":
         _import_all_ops()

@@ -19,7 +19,8 @@ from .. import _triton, dispatch
 from . import methods as methods_mod
 from .data import load_digits
 from .metrics import sample_metrics, train_feature_extractor
-from .models import DemoError, TeacherConfig, ddim_sample, load_teacher, save_teacher, train_teacher
+from .models import (SHIPPED_TEACHER, DemoError, TeacherConfig, ddim_sample, load_teacher, save_teacher,
+                     train_teacher)
 from .report import save_grid, save_loss_curves, write_reports
 
 TEACHER_SAMPLING_STEPS = 16
@@ -35,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--out", default="fastdistill-demo", help="output folder (also holds the teacher cache)")
     p.add_argument("--teacher-steps", type=int, default=None,
-                   help="teacher training steps when no cache exists (default 400)")
+                   help="train the teacher in this run for this many steps (cached under --out); "
+                        "default: use the teacher shipped with fastdistill (1200 steps)")
     p.add_argument("--retrain-teacher", action="store_true", help="ignore and overwrite the cached teacher")
     p.add_argument("--num-samples", type=int, default=12, help="images per row of the sample grid")
     p.add_argument("--seed", type=int, default=0)
@@ -139,6 +141,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if os.path.exists(cache) and not args.retrain_teacher:
         teacher = load_teacher(cache, cfg, device)
         source = f"loaded from cache {cache}"
+    elif args.teacher_steps is None and not args.retrain_teacher and os.path.exists(SHIPPED_TEACHER):
+        teacher = load_teacher(SHIPPED_TEACHER, cfg, device)
+        source = (f"shipped with fastdistill (trained for {cfg.train_steps} steps by "
+                  "scripts/train_demo_teacher.py)")
     else:
         bar = _progress(cfg.train_steps, "teacher", show)
 
@@ -208,5 +214,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     save_grid(os.path.join(out, "samples.png"), rows,
               f"same noise: teacher ({TEACHER_SAMPLING_STEPS} DDIM steps) vs students")
     save_loss_curves(os.path.join(out, "losses.png"), curves)
-    write_reports(os.path.join(out, "report.md"), os.path.join(out, "report.json"), report)
+    report["outputs"] = {name: os.path.join(out, f) for name, f in
+                         (("report_md", "report.md"), ("report_json", "report.json"),
+                          ("samples_png", "samples.png"), ("losses_png", "losses.png"))}
+    write_reports(report["outputs"]["report_md"], report["outputs"]["report_json"], report)
     return report

@@ -1,0 +1,360 @@
+"""Relational KL: ``KL(softmax(l_T[i] / tau_kd) || softmax(l_S[i] / tau_kd))`` per row ``i`` (and key
+segment), with ``l_X[i, j] = <q_X[i], k_X[j]> / tau``, never materialising the rows x keys matrix.
+
+This module holds the shared core used by :func:`relational_kl`, :func:`fastdistill.fused_rdd_loss`,
+:func:`fastdistill.memory_p2p_loss` and :func:`fastdistill.attention_kl`: one pair of custom ops
+(``fastdistill::relational_kl_fwd`` / ``_bwd``) over 4-D ``(G1, G2, rows, channels)`` tensors with
+separate student and teacher logit scales, optional key segments and an optional key index. The
+``triton`` backend streams tiles (``kernels/relational_kl.py``); the ``reference`` backend is the
+same math in plain PyTorch, chunked over rows so that it also runs in bounded memory.
+
+No gradient flows to the teacher tensors (they are constants of the loss, as under ``no_grad`` in
+RDD) nor to keys read through an index (the memory bank). Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import dispatch
+from .._validation import check_choice, check_positive, check_same_device, check_tensor
+
+OP = "relational_kl"
+dispatch.register_op(OP, ["triton"])
+
+_EPS = 1e-12
+# Elements of one (group, row chunk, key) logit slab in the reference backend.
+_REF_CHUNK_ELEMS = 1 << 22
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference backend: chunked plain PyTorch (same math as the kernels)
+
+def _acc_dtype(*ts: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _flat3(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-2], t.shape[-1]).to(dtype)
+
+
+def _ref_keys(k: torch.Tensor, k_index: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    k = _flat3(k, dtype)
+    return k.index_select(1, k_index) if k_index is not None else k
+
+
+def _ref_chunks(G: int, N: int, M: int):
+    rc = max(1, _REF_CHUNK_ELEMS // max(1, G * M))
+    for r0 in range(0, N, rc):
+        yield r0, min(N, r0 + rc)
+
+
+def _ref_fwd(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, S):
+    G1, G2, N, _ = q_s.shape
+    dt = _acc_dtype(q_s, k_s, q_t, k_t)
+    qs, qt = _flat3(q_s, dt), _flat3(q_t, dt)
+    ks, kt = _ref_keys(k_s, k_index, dt), _ref_keys(k_t, k_index, dt)
+    G, M = qs.shape[0], ks.shape[1]
+    nseg = M // S
+    kls, lss, lts = [], [], []
+    for r0, r1 in _ref_chunks(G, N, M):
+        s = (torch.bmm(qs[:, r0:r1], ks.transpose(1, 2)) * scale_s).view(G, r1 - r0, nseg, S)
+        t = (torch.bmm(qt[:, r0:r1], kt.transpose(1, 2)) * scale_t).view(G, r1 - r0, nseg, S)
+        lse_s = torch.logsumexp(s, dim=-1)
+        lse_t = torch.logsumexp(t, dim=-1)
+        p_t = torch.exp(t - lse_t.unsqueeze(-1))
+        kls.append((p_t * (t - s)).sum(-1) - lse_t + lse_s)
+        lss.append(lse_s)
+        lts.append(lse_t)
+    shape = (G1, G2, N, nseg)
+    return (torch.cat(kls, 1).float().reshape(shape), torch.cat(lss, 1).float().reshape(shape),
+            torch.cat(lts, 1).float().reshape(shape))
+
+
+def _ref_bwd(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t, S, need_dq, need_dk):
+    G1, G2, N, CS = q_s.shape
+    dt = _acc_dtype(q_s, k_s, q_t, k_t)
+    qs, qt = _flat3(q_s, dt), _flat3(q_t, dt)
+    ks, kt = _ref_keys(k_s, k_index, dt), _ref_keys(k_t, k_index, dt)
+    G, M = qs.shape[0], ks.shape[1]
+    nseg = M // S
+    dkl = dkl.reshape(G, N, nseg).to(dt)
+    lse_s = lse_s.reshape(G, N, nseg).to(dt)
+    lse_t = lse_t.reshape(G, N, nseg).to(dt)
+    dq = torch.zeros(G, N, CS, dtype=dt, device=q_s.device) if need_dq else None
+    dk = torch.zeros(G, M, CS, dtype=dt, device=q_s.device) if need_dk else None
+    for r0, r1 in _ref_chunks(G, N, M):
+        n = r1 - r0
+        s = (torch.bmm(qs[:, r0:r1], ks.transpose(1, 2)) * scale_s).view(G, n, nseg, S)
+        t = (torch.bmm(qt[:, r0:r1], kt.transpose(1, 2)) * scale_t).view(G, n, nseg, S)
+        p_s = torch.exp(s - lse_s[:, r0:r1].unsqueeze(-1))
+        p_t = torch.exp(t - lse_t[:, r0:r1].unsqueeze(-1))
+        ds = ((p_s - p_t) * (dkl[:, r0:r1] * scale_s).unsqueeze(-1)).view(G, n, M)
+        if need_dq:
+            dq[:, r0:r1] = torch.bmm(ds, ks)
+        if need_dk:
+            dk += torch.bmm(ds.transpose(1, 2), qs[:, r0:r1])
+    dq = dq.reshape(G1, G2, N, CS).float() if dq is not None and dt != torch.float64 else (
+        dq.reshape(G1, G2, N, CS) if dq is not None else None)
+    dk = dk.reshape(G1, G2, M, CS).float() if dk is not None and dt != torch.float64 else (
+        dk.reshape(G1, G2, M, CS) if dk is not None else None)
+    return dq, dk
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile; fake kernels give shapes, autograd is registered below)
+
+def _nseg(k_s: torch.Tensor, k_index: Optional[torch.Tensor], S: int) -> int:
+    M = k_index.shape[0] if k_index is not None else k_s.shape[2]
+    return M // S
+
+
+@torch.library.custom_op("fastdistill::relational_kl_fwd", mutates_args=())
+def _fwd_op(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+            k_index: Optional[torch.Tensor], scale_s: float, scale_t: float, segment_size: int,
+            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from fastdistill.kernels import relational_kl as K
+
+        return K.relational_kl_fwd(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size)
+    return _ref_fwd(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size, backend):
+    shape = (*q_s.shape[:3], _nseg(k_s, k_index, segment_size))
+    return (q_s.new_empty(shape, dtype=torch.float32), q_s.new_empty(shape, dtype=torch.float32),
+            q_s.new_empty(shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("fastdistill::relational_kl_bwd", mutates_args=())
+def _bwd_op(dkl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+            k_index: Optional[torch.Tensor], lse_s: torch.Tensor, lse_t: torch.Tensor, scale_s: float,
+            scale_t: float, segment_size: int, need_dq: bool, need_dk: bool,
+            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from fastdistill.kernels import relational_kl as K
+
+        dq, dk = K.relational_kl_bwd(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t,
+                                     segment_size, need_dq, need_dk)
+    else:
+        dq, dk = _ref_bwd(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t, segment_size,
+                          need_dq, need_dk)
+    # Gradients come back in the inputs' dtypes; an unneeded one is an empty placeholder (custom ops
+    # cannot return None).
+    dq = dq.to(q_s.dtype) if dq is not None else q_s.new_empty((0,))
+    dk = dk.to(k_s.dtype) if dk is not None else k_s.new_empty((0,))
+    return dq, dk
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t, segment_size, need_dq, need_dk,
+              backend):
+    dq = q_s.new_empty(q_s.shape) if need_dq else q_s.new_empty((0,))
+    dk = k_s.new_empty(k_s.shape) if need_dk else k_s.new_empty((0,))
+    return dq, dk
+
+
+def _setup_context(ctx, inputs, output):
+    q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size, backend = inputs
+    _, lse_s, lse_t = output
+    ctx.save_for_backward(q_s, k_s, q_t, k_t, k_index, lse_s, lse_t)
+    ctx.args = (scale_s, scale_t, segment_size, backend)
+
+
+def _backward(ctx, dkl, _dlse_s, _dlse_t):
+    q_s, k_s, q_t, k_t, k_index, lse_s, lse_t = ctx.saved_tensors
+    scale_s, scale_t, segment_size, backend = ctx.args
+    need_dq = ctx.needs_input_grad[0]
+    need_dk = ctx.needs_input_grad[1] and k_index is None
+    if not (need_dq or need_dk):
+        return None, None, None, None, None, None, None, None, None
+    dq, dk = _bwd_op(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t, segment_size,
+                     need_dq, need_dk, backend)
+    return (dq if need_dq else None, dk if need_dk else None, None, None, None, None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def relational_kl_core(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, *,
+                       scale_s: float, scale_t: float, segment_size: int, backend: str,
+                       k_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-(group, row, segment) KL, fp32 ``(G1, G2, N, NSEG)``, on validated 4-D inputs.
+
+    The shared core of every relational op (callers validate and pick ``backend`` through
+    :mod:`fastdistill.dispatch`). Differentiable w.r.t. ``q_s`` and ``k_s`` (``k_s`` only without
+    ``k_index``); when ``q_s is k_s`` both gradient contributions add up in that tensor.
+    """
+    kl, _, _ = _fwd_op(q_s, k_s, q_t.detach(), k_t.detach(), k_index, float(scale_s), float(scale_t),
+                       int(segment_size), backend)
+    return kl
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers (also used by rdd.py and attention_kl.py)
+
+def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``x / max(||x||_2, 1e-12)`` along ``dim`` (``F.normalize``), computed in fp32 (fp64 stays fp64)
+    and returned in ``x``'s dtype; plain PyTorch, so its backward is autograd's."""
+    xf = x if x.dtype == torch.float64 else x.float()
+    return (xf / xf.norm(dim=dim, keepdim=True).clamp_min(_EPS)).to(x.dtype)
+
+
+def reduce_kl(kl: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return kl.mean()
+    if reduction == "sum":
+        return kl.sum()
+    return kl
+
+
+def gather_rows(tensors: list[torch.Tensor], process_group, op: str) -> list[torch.Tensor]:
+    """All-gather (autograd-aware) every tensor along dim 0 when a process group is active.
+
+    ``process_group`` follows :mod:`fastdistill.distributed`: the default ``"world"`` means the world
+    group when torch.distributed is initialised with more than one rank, ``None`` stays local.
+    Tensors appearing twice (``q is k``) are gathered once and stay identical objects.
+    """
+    if process_group is None:
+        return tensors
+    import torch.distributed as tdist
+
+    if isinstance(process_group, str) and not (tdist.is_available() and tdist.is_initialized()):
+        return tensors  # the default "world" group with no torch.distributed: local
+    from fastdistill import distributed as fd
+
+    group = fd.resolve_group(process_group)
+    if group is None:
+        return tensors
+    out: list[torch.Tensor] = []
+    done: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        if id(t) not in done:
+            done[id(t)] = fd.all_gather_with_grad(t, group)
+        out.append(done[id(t)])
+    return out
+
+
+#: Default of every ``process_group=`` argument (the value fastdistill.distributed.WORLD has).
+WORLD = "world"
+
+
+# ----------------------------------------------------------------------------------------------
+# Public op
+
+def relational_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, *,
+                  temperature: float = 1.0, kd_temperature: float = 1.0, segment_size: int | None = None,
+                  normalize: bool = False, reduction: str = "mean", process_group=WORLD) -> torch.Tensor:
+    """Relational KL between teacher and student similarity distributions, flash-style.
+
+    For each row ``i`` with logits ``l_X[i, j] = <q_X[i], k_X[j]> / temperature`` (X = student S,
+    teacher T) returns ``KL(softmax(l_T[i] / kd_temperature) || softmax(l_S[i] / kd_temperature))``,
+    the softmax running over all keys, or over each segment of ``segment_size`` consecutive keys.
+    Memory is O(rows x segments): the rows x keys matrices are never formed.
+
+    Args:
+        q_s: student queries, ``(N, C_s)`` or batched ``(G, N, C_s)``. Receives a gradient.
+        k_s: student keys, ``(M, C_s)`` / ``(G, M, C_s)``. Receives a gradient; may be the same
+            tensor as ``q_s`` (self-similarity: both gradient contributions add up).
+        q_t: teacher queries, ``(N, C_t)`` / ``(G, N, C_t)``. ``C_t`` may differ from ``C_s``. No gradient.
+        k_t: teacher keys, ``(M, C_t)`` / ``(G, M, C_t)``. No gradient.
+        temperature: ``tau`` dividing the dot products (> 0).
+        kd_temperature: softmax temperature ``tau_kd`` (> 0); the loss is not multiplied by ``tau_kd**2``.
+        segment_size: softmax over consecutive groups of this many keys (must divide ``M``); ``None``
+            = one softmax over all ``M`` keys.
+        normalize: L2-normalise every row of the four inputs over channels first (``F.normalize``,
+            eps 1e-12), differentiably.
+        reduction: ``"mean"`` over all (group, row, segment) entries, ``"sum"``, or ``"none"``: fp32
+            ``([G,] N)`` without segments, ``([G,] N, M // segment_size)`` with.
+        process_group: ``"world"`` (default; the world group when torch.distributed is initialised
+            with several ranks, else local), a ProcessGroup, or ``None`` (local). With a group, all four
+            tensors are all-gathered along dim 0 (autograd-aware) and the global-batch loss is returned
+            on every rank; ``segment_size`` must then divide the local ``M``.
+
+    Returns:
+        The loss (fp32; a scalar unless ``reduction="none"``).
+
+    Inputs may be fp32, fp16 or bf16 (any strides); accumulation and the log-sum-exps are fp32.
+    """
+    op = OP
+    for name, t in (("q_s", q_s), ("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):
+        check_tensor(op, name, t, ndim=(2, 3))
+    if len({q_s.dim(), k_s.dim(), q_t.dim(), k_t.dim()}) != 1:
+        raise ValueError(f"{op}: q_s, k_s, q_t, k_t must all be 2-D or all 3-D; got dims "
+                         f"{q_s.dim()}, {k_s.dim()}, {q_t.dim()}, {k_t.dim()}")
+    check_same_device(op, q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t)
+    if q_s.shape[-1] != k_s.shape[-1]:
+        raise ValueError(f"{op}: q_s and k_s must have the same channel count; got {q_s.shape[-1]} and "
+                         f"{k_s.shape[-1]}")
+    if q_t.shape[-1] != k_t.shape[-1]:
+        raise ValueError(f"{op}: q_t and k_t must have the same channel count; got {q_t.shape[-1]} and "
+                         f"{k_t.shape[-1]}")
+    if q_s.shape[:-1] != q_t.shape[:-1]:
+        raise ValueError(f"{op}: q_s and q_t must have the same leading (group, row) shape; got "
+                         f"{tuple(q_s.shape)} and {tuple(q_t.shape)}")
+    if k_s.shape[:-1] != k_t.shape[:-1]:
+        raise ValueError(f"{op}: k_s and k_t must have the same leading (group, key) shape; got "
+                         f"{tuple(k_s.shape)} and {tuple(k_t.shape)}")
+    if q_s.dim() == 3 and q_s.shape[0] != k_s.shape[0]:
+        raise ValueError(f"{op}: q_s and k_s must have the same group count; got {q_s.shape[0]} and "
+                         f"{k_s.shape[0]}")
+    if min(q_s.shape[-2], k_s.shape[-2], q_s.shape[-1], q_t.shape[-1]) == 0:
+        raise ValueError(f"{op}: empty input (shapes q_s {tuple(q_s.shape)}, k_s {tuple(k_s.shape)}, "
+                         f"q_t {tuple(q_t.shape)})")
+    check_positive(op, "temperature", temperature)
+    check_positive(op, "kd_temperature", kd_temperature)
+    check_choice(op, "reduction", reduction, ("mean", "sum", "none"))
+    if not isinstance(normalize, bool):
+        raise TypeError(f"{op}: normalize must be a bool, got {type(normalize).__name__}")
+    M = k_s.shape[-2]
+    if segment_size is not None:
+        if isinstance(segment_size, bool) or not isinstance(segment_size, int):
+            raise TypeError(f"{op}: segment_size must be an int or None, got {type(segment_size).__name__}")
+        if segment_size < 1 or M % segment_size != 0:
+            raise ValueError(f"{op}: segment_size must be >= 1 and divide the key count M={M}; got {segment_size}")
+
+    same = k_s is q_s
+    q_s, k_s, q_t, k_t = gather_rows([q_s, k_s, q_t, k_t], process_group, op)
+    M = k_s.shape[-2]
+    S = segment_size if segment_size is not None else M
+    backend = dispatch.select_backend(op, q_s, k_s, q_t, k_t)
+    if normalize:
+        q_s_n = l2_normalize(q_s)
+        k_s_n = q_s_n if same else l2_normalize(k_s)
+        q_t, k_t = l2_normalize(q_t), l2_normalize(k_t)
+        q_s, k_s = q_s_n, k_s_n
+    batched = q_s.dim() == 3
+    as4 = (lambda t: t.unsqueeze(1)) if batched else (lambda t: t.unsqueeze(0).unsqueeze(0))
+    scale = 1.0 / (float(temperature) * float(kd_temperature))
+    kl = relational_kl_core(as4(q_s), as4(k_s), as4(q_t), as4(k_t), scale_s=scale, scale_t=scale,
+                            segment_size=S, backend=backend)
+    kl = kl.squeeze(1) if batched else kl.squeeze(1).squeeze(0)
+    if segment_size is None:
+        kl = kl.squeeze(-1)
+    return reduce_kl(kl, reduction)
+
+
+def relational_kl_reference(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, *,
+                            temperature: float = 1.0, kd_temperature: float = 1.0,
+                            segment_size: int | None = None, normalize: bool = False,
+                            reduction: str = "mean", process_group=None) -> torch.Tensor:
+    """The dense formula of :func:`relational_kl` (materialises the logits; the ground truth in tests)."""
+    q_t, k_t = q_t.detach(), k_t.detach()
+    if normalize:
+        q_s, k_s = F.normalize(q_s, dim=-1), F.normalize(k_s, dim=-1)
+        q_t, k_t = F.normalize(q_t, dim=-1), F.normalize(k_t, dim=-1)
+    tau = temperature * kd_temperature
+    ls = q_s @ k_s.transpose(-1, -2) / tau
+    lt = q_t @ k_t.transpose(-1, -2) / tau
+    M = ls.shape[-1]
+    S = segment_size or M
+    ls = ls.unflatten(-1, (M // S, S))
+    lt = lt.unflatten(-1, (M // S, S))
+    kl = (F.softmax(lt, -1) * (F.log_softmax(lt, -1) - F.log_softmax(ls, -1))).sum(-1)
+    if segment_size is None:
+        kl = kl.squeeze(-1)
+    return reduce_kl(kl, reduction)

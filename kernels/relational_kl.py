@@ -1,0 +1,413 @@
+"""Flash-style relational KL: per row and key segment,
+``KL(softmax(scale_t * q_t k_t^T) || softmax(scale_s * q_s k_s^T))`` without the row x key matrix.
+
+Layout the launchers take: every tensor is 4-D ``(G1, G2, rows, channels)`` with arbitrary strides
+(a 3-D ``(G, N, C)`` input is a free ``unsqueeze(1)`` view; ``(B, H, L, D)`` attention tensors pass as
+they are, whatever their memory layout). Keys are split into ``NSEG`` segments of ``S`` consecutive
+keys; each (group, row, segment) is one softmax. Keys may be read through an index vector (the RDD
+memory bank's fixed contrast subset), so the bank is never copied.
+
+Forward (one program per group x row tile x segment): stream key tiles of the segment, build both
+logit tiles (student and teacher, channel counts may differ, channels tiled by ``BLOCK_C`` so C=1920
+fits), keep online-softmax state ``(m_s, l_s, m_t, l_t, A = sum e^{t-m_t} (t - s))`` and write
+``KL = A / l_t - lse_t + lse_s`` plus the two log-sum-exps. Memory: O(rows x segments).
+
+Backward recomputes the tiles from the saved LSEs: ``dKL/d(q_s.k_s) = scale_s (p_s - p_t) dKL``.
+``dq_s`` (one program per group x row tile, looping over all keys) and ``dk_s`` (one program per
+group x key tile, looping over all rows) own their output rows, so no atomics: results are
+deterministic. When the channel count fits one tile the gradient rows live in registers; otherwise
+they are accumulated in an fp32 scratch in global memory, chunk by chunk (L2-resident).
+
+All accumulation is fp32. Offsets are int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdistill import _alloc
+
+
+@triton.jit
+def _logits(P, K, p_base, k_base, rows, rmask, krow, kmask, sp_n, sp_c, sk_m, sk_c, C,
+            DOT: tl.constexpr, PREC: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Raw dot products (BLOCK_N, BLOCK_M) of rows of P with rows ``krow`` of K, channels tiled."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cm = cols < C
+        a = tl.load(P + p_base + rows[:, None] * sp_n + cols[None, :].to(tl.int64) * sp_c,
+                    mask=rmask[:, None] & cm[None, :], other=0.0)
+        b = tl.load(K + k_base + krow[None, :] * sk_m + cols[:, None].to(tl.int64) * sk_c,
+                    mask=kmask[None, :] & cm[:, None], other=0.0)
+        acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _key_rows(IDX, j, kmask, HAS_IDX: tl.constexpr):
+    if HAS_IDX:
+        return tl.load(IDX + j, mask=kmask, other=0).to(tl.int64)
+    else:
+        return j
+
+
+@triton.jit
+def _rkl_fwd_kernel(
+    QS, KS, QT, KT, IDX, KL, LSE_S, LSE_T,
+    G2, N, S, NSEG, CS, CT, n_row_tiles,
+    sqs_g1, sqs_g2, sqs_n, sqs_c,
+    sks_g1, sks_g2, sks_m, sks_c,
+    sqt_g1, sqt_g2, sqt_n, sqt_c,
+    skt_g1, skt_g2, skt_m, skt_c,
+    scale_s, scale_t,
+    HAS_IDX: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rt = pid % n_row_tiles
+    rest = pid // n_row_tiles
+    seg = rest % NSEG
+    g = rest // NSEG
+    g1 = g // G2
+    g2 = g % G2
+
+    rows = rt * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    rmask = rows < N
+    qs_base = g1 * sqs_g1 + g2 * sqs_g2
+    ks_base = g1 * sks_g1 + g2 * sks_g2
+    qt_base = g1 * sqt_g1 + g2 * sqt_g2
+    kt_base = g1 * skt_g1 + g2 * skt_g2
+
+    m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    l_s = tl.zeros((BLOCK_N,), tl.float32)
+    l_t = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for k0 in range(0, S, BLOCK_M):
+        kk = k0 + tl.arange(0, BLOCK_M)
+        kmask = kk < S
+        j = seg * S + kk.to(tl.int64)
+        krow = _key_rows(IDX, j, kmask, HAS_IDX)
+        s = _logits(QS, KS, qs_base, ks_base, rows, rmask, krow, kmask, sqs_n, sqs_c, sks_m, sks_c, CS,
+                    DOT_S, PREC_S, BLOCK_N, BLOCK_M, BLOCK_C) * scale_s
+        t = _logits(QT, KT, qt_base, kt_base, rows, rmask, krow, kmask, sqt_n, sqt_c, skt_m, skt_c, CT,
+                    DOT_T, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C) * scale_t
+        diff = tl.where(kmask[None, :], t - s, 0.0)  # before masking: no inf - inf
+        s = tl.where(kmask[None, :], s, float("-inf"))
+        t = tl.where(kmask[None, :], t, float("-inf"))
+        # Every tile holds at least one valid key, so the new maxima are finite.
+        m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
+        alpha_t = tl.exp(m_t - m_t_new)
+        p_t = tl.exp(t - m_t_new[:, None])
+        l_t = l_t * alpha_t + tl.sum(p_t, axis=1)
+        acc = acc * alpha_t + tl.sum(p_t * diff, axis=1)
+        m_t = m_t_new
+        m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
+        l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s - m_s_new[:, None]), axis=1)
+        m_s = m_s_new
+
+    lse_t = m_t + tl.log(l_t)
+    lse_s = m_s + tl.log(l_s)
+    kl = acc / l_t - lse_t + lse_s
+    out = (g * N + rows) * NSEG + seg
+    tl.store(KL + out, kl, mask=rmask)
+    tl.store(LSE_S + out, lse_s, mask=rmask)
+    tl.store(LSE_T + out, lse_t, mask=rmask)
+
+
+@triton.jit
+def _pdiff(QS, KS, QT, KT, qs_base, ks_base, qt_base, kt_base, rows, rmask, krow, kmask,
+           sqs_n, sqs_c, sks_m, sks_c, sqt_n, sqt_c, skt_m, skt_c, CS, CT, scale_s, scale_t,
+           lse_s, lse_t, w,
+           DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Recomputed ``(p_s - p_t) * w`` for one tile (zero outside the valid rows and keys)."""
+    s = _logits(QS, KS, qs_base, ks_base, rows, rmask, krow, kmask, sqs_n, sqs_c, sks_m, sks_c, CS,
+                DOT_S, PREC_S, BLOCK_N, BLOCK_M, BLOCK_C) * scale_s
+    t = _logits(QT, KT, qt_base, kt_base, rows, rmask, krow, kmask, sqt_n, sqt_c, skt_m, skt_c, CT,
+                DOT_T, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C) * scale_t
+    valid = rmask[:, None] & kmask[None, :]
+    p_s = tl.exp(s - lse_s[:, None])
+    p_t = tl.exp(t - lse_t[:, None])
+    return tl.where(valid, (p_s - p_t) * w[:, None], 0.0)
+
+
+@triton.jit
+def _rkl_bwd_dq_kernel(
+    QS, KS, QT, KT, IDX, LSE_S, LSE_T, DKL, WMAX, DQ,
+    G2, N, S, NSEG, CS, CT, n_row_tiles,
+    sqs_g1, sqs_g2, sqs_n, sqs_c,
+    sks_g1, sks_g2, sks_m, sks_c,
+    sqt_g1, sqt_g2, sqt_n, sqt_c,
+    skt_g1, skt_g2, skt_m, skt_c,
+    scale_s, scale_t,
+    HAS_IDX: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rt = pid % n_row_tiles
+    g = pid // n_row_tiles
+    g1 = g // G2
+    g2 = g % G2
+    rows = rt * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    rmask = rows < N
+    qs_base = g1 * sqs_g1 + g2 * sqs_g2
+    ks_base = g1 * sks_g1 + g2 * sks_g2
+    qt_base = g1 * sqt_g1 + g2 * sqt_g2
+    kt_base = g1 * skt_g1 + g2 * skt_g2
+    # The upstream gradient is rescaled by its maximum so the (p_s - p_t) * w operand of the second
+    # GEMM stays in fp16's normal range (mean reductions make w tiny); the scale is undone at the end.
+    wmax = tl.load(WMAX)
+    dq_base = (g * N + rows) * CS  # DQ is a contiguous fp32 (G, N, CS) buffer
+    ccols = tl.arange(0, BLOCK_C)
+
+    dq = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+    if not ONE_CHUNK:
+        for c0 in range(0, CS, BLOCK_C):
+            cm = (c0 + ccols) < CS
+            tl.store(DQ + dq_base[:, None] + (c0 + ccols)[None, :], tl.zeros((BLOCK_N, BLOCK_C), tl.float32),
+                     mask=rmask[:, None] & cm[None, :])
+    for seg in range(0, NSEG):
+        o = (g * N + rows) * NSEG + seg
+        lse_s = tl.load(LSE_S + o, mask=rmask, other=0.0)
+        lse_t = tl.load(LSE_T + o, mask=rmask, other=0.0)
+        w = tl.load(DKL + o, mask=rmask, other=0.0) / wmax
+        for k0 in range(0, S, BLOCK_M):
+            kk = k0 + tl.arange(0, BLOCK_M)
+            kmask = kk < S
+            j = seg * S + kk.to(tl.int64)
+            krow = _key_rows(IDX, j, kmask, HAS_IDX)
+            ds = _pdiff(QS, KS, QT, KT, qs_base, ks_base, qt_base, kt_base, rows, rmask, krow, kmask,
+                        sqs_n, sqs_c, sks_m, sks_c, sqt_n, sqt_c, skt_m, skt_c, CS, CT, scale_s, scale_t,
+                        lse_s, lse_t, w, DOT_S, DOT_T, PREC_S, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C)
+            ds = ds.to(DOT_S)
+            if ONE_CHUNK:
+                cm = ccols < CS
+                kc = tl.load(KS + ks_base + krow[:, None] * sks_m + ccols[None, :].to(tl.int64) * sks_c,
+                             mask=kmask[:, None] & cm[None, :], other=0.0)
+                dq = tl.dot(ds, kc.to(DOT_S), dq, input_precision=PREC_S)
+            else:
+                for c0 in range(0, CS, BLOCK_C):
+                    cols = c0 + ccols
+                    cm = cols < CS
+                    kc = tl.load(KS + ks_base + krow[:, None] * sks_m + cols[None, :].to(tl.int64) * sks_c,
+                                 mask=kmask[:, None] & cm[None, :], other=0.0)
+                    ptrs = DQ + dq_base[:, None] + cols[None, :]
+                    m2 = rmask[:, None] & cm[None, :]
+                    part = tl.load(ptrs, mask=m2, other=0.0)
+                    part = tl.dot(ds, kc.to(DOT_S), part, input_precision=PREC_S)
+                    tl.store(ptrs, part, mask=m2)
+    if ONE_CHUNK:
+        cm = ccols < CS
+        tl.store(DQ + dq_base[:, None] + ccols[None, :], dq * (wmax * scale_s),
+                 mask=rmask[:, None] & cm[None, :])
+    else:
+        for c0 in range(0, CS, BLOCK_C):
+            cols = c0 + ccols
+            m2 = rmask[:, None] & (cols < CS)[None, :]
+            ptrs = DQ + dq_base[:, None] + cols[None, :]
+            tl.store(ptrs, tl.load(ptrs, mask=m2, other=0.0) * (wmax * scale_s), mask=m2)
+
+
+@triton.jit
+def _rkl_bwd_dk_kernel(
+    QS, KS, QT, KT, LSE_S, LSE_T, DKL, WMAX, DK,
+    G2, N, M, S, NSEG, CS, CT, tiles_per_seg,
+    sqs_g1, sqs_g2, sqs_n, sqs_c,
+    sks_g1, sks_g2, sks_m, sks_c,
+    sqt_g1, sqt_g2, sqt_n, sqt_c,
+    skt_g1, skt_g2, skt_m, skt_c,
+    scale_s, scale_t,
+    DOT_S: tl.constexpr, DOT_T: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    kt_i = pid % tiles_per_seg
+    rest = pid // tiles_per_seg
+    seg = rest % NSEG
+    g = rest // NSEG
+    g1 = g // G2
+    g2 = g % G2
+    kk = kt_i * BLOCK_M + tl.arange(0, BLOCK_M)
+    kmask = kk < S
+    krow = seg * S + kk.to(tl.int64)
+    qs_base = g1 * sqs_g1 + g2 * sqs_g2
+    ks_base = g1 * sks_g1 + g2 * sks_g2
+    qt_base = g1 * sqt_g1 + g2 * sqt_g2
+    kt_base = g1 * skt_g1 + g2 * skt_g2
+    wmax = tl.load(WMAX)
+    dk_base = (g * M + krow) * CS  # DK is a contiguous fp32 (G, M, CS) buffer
+    ccols = tl.arange(0, BLOCK_C)
+
+    dk = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    if not ONE_CHUNK:
+        for c0 in range(0, CS, BLOCK_C):
+            cm = (c0 + ccols) < CS
+            tl.store(DK + dk_base[:, None] + (c0 + ccols)[None, :], tl.zeros((BLOCK_M, BLOCK_C), tl.float32),
+                     mask=kmask[:, None] & cm[None, :])
+    for r0 in range(0, N, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        rmask = rows < N
+        o = (g * N + rows) * NSEG + seg
+        lse_s = tl.load(LSE_S + o, mask=rmask, other=0.0)
+        lse_t = tl.load(LSE_T + o, mask=rmask, other=0.0)
+        w = tl.load(DKL + o, mask=rmask, other=0.0) / wmax
+        ds = _pdiff(QS, KS, QT, KT, qs_base, ks_base, qt_base, kt_base, rows, rmask, krow, kmask,
+                    sqs_n, sqs_c, sks_m, sks_c, sqt_n, sqt_c, skt_m, skt_c, CS, CT, scale_s, scale_t,
+                    lse_s, lse_t, w, DOT_S, DOT_T, PREC_S, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C)
+        dst = tl.trans(ds.to(DOT_S))
+        if ONE_CHUNK:
+            cm = ccols < CS
+            qc = tl.load(QS + qs_base + rows[:, None] * sqs_n + ccols[None, :].to(tl.int64) * sqs_c,
+                         mask=rmask[:, None] & cm[None, :], other=0.0)
+            dk = tl.dot(dst, qc.to(DOT_S), dk, input_precision=PREC_S)
+        else:
+            for c0 in range(0, CS, BLOCK_C):
+                cols = c0 + ccols
+                cm = cols < CS
+                qc = tl.load(QS + qs_base + rows[:, None] * sqs_n + cols[None, :].to(tl.int64) * sqs_c,
+                             mask=rmask[:, None] & cm[None, :], other=0.0)
+                ptrs = DK + dk_base[:, None] + cols[None, :]
+                m2 = kmask[:, None] & cm[None, :]
+                part = tl.load(ptrs, mask=m2, other=0.0)
+                part = tl.dot(dst, qc.to(DOT_S), part, input_precision=PREC_S)
+                tl.store(ptrs, part, mask=m2)
+    if ONE_CHUNK:
+        cm = ccols < CS
+        tl.store(DK + dk_base[:, None] + ccols[None, :], dk * (wmax * scale_s),
+                 mask=kmask[:, None] & cm[None, :])
+    else:
+        for c0 in range(0, CS, BLOCK_C):
+            cols = c0 + ccols
+            m2 = kmask[:, None] & (cols < CS)[None, :]
+            ptrs = DK + dk_base[:, None] + cols[None, :]
+            tl.store(ptrs, tl.load(ptrs, mask=m2, other=0.0) * (wmax * scale_s), mask=m2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+             torch.float64: tl.float64}
+
+
+def _dot_dtype(a: torch.dtype, b: torch.dtype):
+    """The dtype both GEMM operands of one side are cast to, and the fp32 precision to use.
+
+    Equal dtypes: that dtype. fp32 with one 16-bit type (say, an fp32 memory bank against bf16
+    features under autocast): the 16-bit type, as autocast's matmul would. fp16 with bf16: fp32.
+    fp32 GEMMs use IEEE precision (no TF32), matching torch's default for matmul.
+    """
+    if a == b:
+        d = a
+    elif {a, b} == {torch.float16, torch.bfloat16} or torch.float64 in (a, b):
+        d = torch.float32 if torch.float64 not in (a, b) else torch.float64
+    else:
+        d = a if a != torch.float32 else b
+    if d == torch.bfloat16 and _interpret():
+        # Triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16); bf16 values are
+        # exact in fp32 and the GPU accumulates in fp32 too, so the interpreter uses fp32 operands.
+        d = torch.float32
+    return _TL_DTYPE[d], "ieee"
+
+
+def _blocks(n: int, s: int, c_max: int, interpret: bool) -> tuple[int, int, int]:
+    """Tile sizes: a segment of at most 64 keys fits one key tile (no online rescaling inside it)."""
+    p2 = triton.next_power_of_2
+    block_m = max(16, min(64, p2(s)))
+    block_n = max(16, min(64, p2(n)))
+    block_c = max(16, min(64 if not interpret else 128, p2(c_max)))
+    return block_n, block_m, block_c
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(t.stride())  # type: ignore[return-value]
+
+
+def _interpret() -> bool:
+    from fastdistill import _triton
+
+    return _triton.interpret_mode()
+
+
+def relational_kl_fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+                      k_index: torch.Tensor | None, scale_s: float, scale_t: float, segment_size: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """4-D inputs ``(G1, G2, N, C)`` / ``(G1, G2, M_or_bank, C)`` -> fp32 ``(G1, G2, N, NSEG)`` KL, lse_s, lse_t."""
+    G1, G2, N, CS = q_s.shape
+    CT = q_t.shape[3]
+    M = k_index.shape[0] if k_index is not None else k_s.shape[2]
+    S = segment_size
+    nseg = M // S
+    dev = q_s.device
+    kl = _alloc.empty((G1, G2, N, nseg), dtype=torch.float32, device=dev)
+    lse_s = _alloc.empty((G1, G2, N, nseg), dtype=torch.float32, device=dev)
+    lse_t = _alloc.empty((G1, G2, N, nseg), dtype=torch.float32, device=dev)
+    if kl.numel() == 0:
+        return kl, lse_s, lse_t
+    BN, BM, BC = _blocks(N, S, max(CS, CT), _interpret())
+    dot_s, prec_s = _dot_dtype(q_s.dtype, k_s.dtype)
+    dot_t, prec_t = _dot_dtype(q_t.dtype, k_t.dtype)
+    n_row_tiles = triton.cdiv(N, BN)
+    grid = (G1 * G2 * nseg * n_row_tiles,)
+    idx = k_index if k_index is not None else q_s  # dummy pointer when unused
+    _rkl_fwd_kernel[grid](
+        q_s, k_s, q_t, k_t, idx, kl, lse_s, lse_t,
+        G2, N, S, nseg, CS, CT, n_row_tiles,
+        *_strides(q_s), *_strides(k_s), *_strides(q_t), *_strides(k_t),
+        float(scale_s), float(scale_t),
+        HAS_IDX=k_index is not None, DOT_S=dot_s, DOT_T=dot_t, PREC_S=prec_s, PREC_T=prec_t,
+        BLOCK_N=BN, BLOCK_M=BM, BLOCK_C=BC, num_warps=4,
+    )
+    return kl, lse_s, lse_t
+
+
+def relational_kl_bwd(dkl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
+                      k_t: torch.Tensor, k_index: torch.Tensor | None, lse_s: torch.Tensor, lse_t: torch.Tensor,
+                      scale_s: float, scale_t: float, segment_size: int, need_dq: bool, need_dk: bool
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients (fp32, contiguous ``(G1, G2, rows, CS)``) of ``sum(dkl * KL)`` w.r.t. q_s and k_s."""
+    G1, G2, N, CS = q_s.shape
+    CT = q_t.shape[3]
+    M = k_index.shape[0] if k_index is not None else k_s.shape[2]
+    S = segment_size
+    nseg = M // S
+    dev = q_s.device
+    dkl = dkl.to(torch.float32).contiguous()
+    wmax = dkl.abs().amax().reshape(1)
+    wmax = torch.where(wmax > 0, wmax, torch.ones_like(wmax))
+    BN, BM, BC = _blocks(N, S, max(CS, CT), _interpret())
+    dot_s, prec_s = _dot_dtype(q_s.dtype, k_s.dtype)
+    dot_t, prec_t = _dot_dtype(q_t.dtype, k_t.dtype)
+    one_chunk = CS <= BC
+    common = dict(DOT_S=dot_s, DOT_T=dot_t, PREC_S=prec_s, PREC_T=prec_t, ONE_CHUNK=one_chunk,
+                  BLOCK_N=BN, BLOCK_M=BM, BLOCK_C=BC, num_warps=4)
+    strides = (*_strides(q_s), *_strides(k_s), *_strides(q_t), *_strides(k_t))
+    dq = dk = None
+    if need_dq:
+        dq = _alloc.empty((G1, G2, N, CS), dtype=torch.float32, device=dev)
+        n_row_tiles = triton.cdiv(N, BN)
+        idx = k_index if k_index is not None else q_s
+        _rkl_bwd_dq_kernel[(G1 * G2 * n_row_tiles,)](
+            q_s, k_s, q_t, k_t, idx, lse_s, lse_t, dkl, wmax, dq,
+            G2, N, S, nseg, CS, CT, n_row_tiles, *strides, float(scale_s), float(scale_t),
+            HAS_IDX=k_index is not None, **common,
+        )
+    if need_dk:
+        if k_index is not None:
+            raise ValueError("relational_kl: no gradient flows to keys read through an index (the memory bank)")
+        Mk = k_s.shape[2]
+        dk = _alloc.empty((G1, G2, Mk, CS), dtype=torch.float32, device=dev)
+        tiles = triton.cdiv(S, BM)
+        _rkl_bwd_dk_kernel[(G1 * G2 * nseg * tiles,)](
+            q_s, k_s, q_t, k_t, lse_s, lse_t, dkl, wmax, dk,
+            G2, N, Mk, S, nseg, CS, CT, tiles, *strides, float(scale_s), float(scale_t), **common,
+        )
+    return dq, dk

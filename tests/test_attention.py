@@ -1,0 +1,297 @@
+"""fused_attention against float64 attention: every UNet head dim, Lq != Lk, lengths 1 and 77,
+masks, both layouts, forward and backward, on the Triton backend (interpreter on CPU) and the
+reference backend."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastdistill
+from fastdistill import _triton, dispatch
+from fastdistill.kernels.attention import split_head_dim
+from fastdistill.ops.attention import attention_reference
+from fastdistill.testing import backends_under_test, check_against_reference, randn
+
+OP = "fused_attention"
+BACKENDS = backends_under_test(OP)
+TRITON = [b for b in BACKENDS if b == "triton"]
+HEAD_DIMS = [40, 64, 80, 128, 160, 256]
+
+
+def _tols(dtype: torch.dtype, backend: str) -> tuple[float, float]:
+    """(output rtol, gradient rtol) relative to the largest reference value."""
+    if dtype == torch.float32:
+        # GPU: tl.dot on fp32 runs TF32 (10-bit mantissa); the interpreter computes exact fp32.
+        if backend == "triton" and not _triton.interpret_mode():
+            return 5e-3, 1e-2
+        return 2e-5, 5e-5
+    if dtype == torch.bfloat16:
+        return 2e-2, 4e-2  # P and dS are rounded to bf16 before their dots, as in FA2
+    return 1e-2, 2e-2  # fp16
+
+
+def _qkv(B, H, Lq, Lk, D, dtype, layout="bhld", grad=True):
+    def mk(L):
+        shape = (B, H, L, D) if layout == "bhld" else (B, L, H, D)
+        return randn(*shape, dtype=dtype, requires_grad=grad)
+    return mk(Lq), mk(Lk), mk(Lk)
+
+
+def _check(q, k, v, *, backend, dtype, **kw):
+    rtol, grtol = _tols(dtype, backend)
+    # The backend is forced around the whole check (forward and backward); the harness runs the
+    # float64 reference under its own use_backend("reference"), which takes precedence inside.
+    with dispatch.use_backend(backend):
+        return check_against_reference(fastdistill.fused_attention, fastdistill.fused_attention, (q, k, v), kw,
+                                       dtype=dtype, rtol=rtol, grad_rtol=grtol)
+
+
+def test_split_head_dim_uses_pow2_subblocks_not_2x_padding():
+    assert split_head_dim(40) == (32, 16)
+    assert split_head_dim(80) == (64, 16)
+    assert split_head_dim(160) == (128, 32)
+    assert split_head_dim(64) == (64, 0)
+    assert split_head_dim(256) == (256, 0)
+    for d in range(8, 257, 8):
+        d0, d1 = split_head_dim(d)
+        assert d0 + d1 >= d and d0 & (d0 - 1) == 0 and (d1 == 0 or d1 & (d1 - 1) == 0)
+        assert d0 + d1 <= max(16, triton_next_pow2(d))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_every_head_dim_fwd_bwd_fp32(backend, d):
+    # Lq != Lk, neither a multiple of a block size; cross-attention-like Lk = 77.
+    q, k, v = _qkv(1, 2, 33, 77, d, torch.float32)
+    _check(q, k, v, backend=backend, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("d", [8, 24, 72, 200])
+def test_other_multiples_of_8(backend, d):
+    q, k, v = _qkv(1, 1, 17, 20, d, torch.float32)
+    _check(q, k, v, backend=backend, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d", [40, 64])
+def test_dtypes(backend, dtype, d):
+    q, k, v = _qkv(2, 1, 19, 41, d, dtype)
+    _check(q, k, v, backend=backend, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [80, 160])
+def test_half_split_head_dims(backend, dtype, d):
+    q, k, v = _qkv(1, 2, 24, 77, d, dtype)
+    _check(q, k, v, backend=backend, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lq,lk", [(1, 1), (1, 77), (77, 1), (77, 77), (80, 3)])
+def test_lengths(backend, lq, lk):
+    q, k, v = _qkv(1, 2, lq, lk, 40, torch.float32)
+    if lk == 1:
+        # One key: the softmax is constant, dq == dk == 0 exactly in float64, while fp32 leaves rounding
+        # noise p * (dP - delta) ~ 1e-7 * |dO||v| that a relative test against 0 cannot accept. Check
+        # dq, dk against an absolute bound and the output and dv against the reference.
+        q.requires_grad_(False)
+        k.requires_grad_(False)
+        qq, kk = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+        with dispatch.use_backend(backend):
+            out = fastdistill.fused_attention(qq, kk, v.detach())
+        dq, dk = torch.autograd.grad(out, (qq, kk), torch.randn_like(out))
+        assert dq.abs().max().item() < 1e-4 and dk.abs().max().item() < 1e-4
+    _check(q, k, v, backend=backend, dtype=torch.float32)
+
+
+def _mask(shape, dtype=torch.float32):
+    # Additive mask as diffusers builds it: 0 keeps, -10000 drops (keep at least key 0 per row).
+    keep = torch.rand(shape) > 0.3
+    keep[..., 0] = True
+    return torch.zeros(shape, dtype=dtype).masked_fill(~keep, -10000.0) + 0.1 * randn(*shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_shape", ["b1k", "bhqk", "b1qk", "bh1k", "11qk"])
+def test_masks(backend, mask_shape):
+    B, H, Lq, Lk = 2, 2, 21, 77
+    shape = {"b1k": (B, 1, Lk), "bhqk": (B, H, Lq, Lk), "b1qk": (B, 1, Lq, Lk), "bh1k": (B, H, 1, Lk),
+             "11qk": (1, 1, Lq, Lk)}[mask_shape]
+    q, k, v = _qkv(B, H, Lq, Lk, 64, torch.float32)
+    _check(q, k, v, backend=backend, dtype=torch.float32, attn_mask=_mask(shape))
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_mask_half_and_expanded_stride0(backend):
+    B, H, Lq, Lk = 2, 2, 16, 30
+    q, k, v = _qkv(B, H, Lq, Lk, 40, torch.bfloat16)
+    mask = _mask((B, 1, 1, Lk), torch.bfloat16).expand(B, H, Lq, Lk)  # stride-0 view, as SDPA users pass
+    _check(q, k, v, backend=backend, dtype=torch.bfloat16, attn_mask=mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [40, 80])
+def test_blhd_layout(backend, d):
+    q, k, v = _qkv(2, 2, 19, 77, d, torch.float32, layout="blhd")
+    res = _check(q, k, v, backend=backend, dtype=torch.float32, layout="blhd", attn_mask=_mask((2, 1, 77)))
+    assert res.outputs[0].shape == q.shape
+    # Same numbers as the bhld call on the transposed views.
+    with dispatch.use_backend(backend):
+        other = fastdistill.fused_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                            attn_mask=_mask((2, 1, 77)) * 0)
+        plain = fastdistill.fused_attention(q, k, v, layout="blhd", attn_mask=_mask((2, 1, 77)) * 0)
+    torch.testing.assert_close(other.transpose(1, 2), plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_strided_views_read_in_place(backend):
+    # diffusers: to_q(x).view(B, L, H, D).transpose(1, 2) -- a non-contiguous bhld view.
+    B, L, H, D = 2, 25, 2, 40
+    x = randn(B, L, H * D, requires_grad=True)
+    q = x.view(B, L, H, D).transpose(1, 2)
+    kv = randn(B, 77, 2 * H * D)
+    k = kv[..., : H * D].view(B, 77, H, D).transpose(1, 2)  # a slice: row stride 2*H*D
+    v = kv[..., H * D:].view(B, 77, H, D).transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    _check(q, k, v, backend=backend, dtype=torch.float32, scale=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_scale_and_grad_output_not_ones(backend):
+    q, k, v = _qkv(1, 1, 9, 13, 64, torch.float32)
+    _check(q, k, v, backend=backend, dtype=torch.float32, scale=0.05)
+
+
+def test_large_logits_stay_finite_triton():
+    if not TRITON:
+        pytest.skip("triton backend not runnable here")
+    q, k, v = _qkv(1, 1, 16, 40, 64, torch.float32)
+    with torch.no_grad():
+        q.mul_(30.0)  # scores ~ +-1e3: the online softmax must not overflow
+    _check(q, k, v, backend="triton", dtype=torch.float32)
+
+
+def test_cpu_auto_dispatch_is_reference():
+    q, k, v = _qkv(1, 1, 4, 4, 16, torch.float32, grad=False)
+    with dispatch.record_backends() as seen:
+        fastdistill.fused_attention(q, k, v)
+    assert seen == {(OP, "reference" if not torch.cuda.is_available() else "triton")}
+
+
+def test_matches_sdpa():
+    q, k, v = _qkv(2, 2, 10, 77, 40, torch.float32, grad=False)
+    mask = _mask((2, 2, 10, 77))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    for backend in BACKENDS:
+        with dispatch.use_backend(backend):
+            got = fastdistill.fused_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_opcheck(backend):
+    from fastdistill.ops import attention as mod
+
+    q, k, v = _qkv(1, 2, 5, 7, 40, torch.float32)
+    mask = _mask((1, 1, 1, 7))
+    torch.library.opcheck(mod._fwd_op, (q, k, v, mask, 0.2, "bhld"))
+    torch.library.opcheck(mod._fwd_op, (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 0.2,
+                                        "blhd"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", TRITON)
+def test_torch_compile_fullgraph(backend):
+    q, k, v = _qkv(1, 2, 9, 77, 40, torch.float32)
+    mask = _mask((1, 1, 77))
+
+    def f(q, k, v, mask):
+        return (fastdistill.fused_attention(q, k, v, attn_mask=mask) * 2).sum()
+
+    with dispatch.use_backend(backend):
+        compiled = torch.compile(f, fullgraph=True)
+        got = compiled(q, k, v, mask)
+        gq, gk, gv = torch.autograd.grad(got, (q, k, v))
+        want = f(q, k, v, mask)
+        wq, wk, wv = torch.autograd.grad(want, (q, k, v))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in ((gq, wq), (gk, wk), (gv, wv)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the argument.
+# ----------------------------------------------------------------------------------------------
+
+def test_mismatched_head_dims():
+    q = torch.randn(1, 2, 5, 40)
+    k = torch.randn(1, 2, 7, 64)
+    with pytest.raises(ValueError, match="head dims differ: q has head dim 40 but k has 64"):
+        fastdistill.fused_attention(q, k, k)
+
+
+def test_wrong_ndim():
+    with pytest.raises(ValueError, match="q must have 4 dims"):
+        fastdistill.fused_attention(torch.randn(2, 5, 40), torch.randn(1, 2, 5, 40), torch.randn(1, 2, 5, 40))
+    with pytest.raises(ValueError, match="v must have 4 dims"):
+        fastdistill.fused_attention(torch.randn(1, 2, 5, 40), torch.randn(1, 2, 5, 40), torch.randn(2, 5, 40))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 6), (2, 7), (2, 3, 5, 7), (2, 2, 4, 6), (3, 1, 1, 7), (1, 2, 1, 5, 7)])
+def test_mask_of_wrong_shape(shape):
+    q = torch.randn(2, 2, 5, 16)
+    k = torch.randn(2, 2, 7, 16)
+    with pytest.raises(ValueError, match=r"attn_mask must have shape .*\(B, 1, Lk\) = \(2, 1, 7\)"):
+        fastdistill.fused_attention(q, k, k, attn_mask=torch.zeros(shape))
+
+
+def test_bad_mask_dtype_and_grad():
+    q = torch.randn(1, 1, 5, 16)
+    with pytest.raises(TypeError, match="attn_mask must be an additive floating mask"):
+        fastdistill.fused_attention(q, q, q, attn_mask=torch.ones(1, 1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask requires grad"):
+        fastdistill.fused_attention(q, q, q, attn_mask=torch.zeros(1, 1, 5, requires_grad=True))
+
+
+def test_other_bad_inputs():
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        fastdistill.fused_attention(q, q, q, layout="bld")
+    with pytest.raises(TypeError, match="share one dtype"):
+        fastdistill.fused_attention(q, q.half(), q.half())
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        fastdistill.fused_attention(q, q, torch.randn(1, 2, 6, 16))
+    with pytest.raises(ValueError, match="same batch and head counts"):
+        fastdistill.fused_attention(q, torch.randn(1, 3, 5, 16), torch.randn(1, 3, 5, 16))
+    with pytest.raises(ValueError, match="head dim must be in 1..256"):
+        big = torch.randn(1, 1, 2, 264)
+        fastdistill.fused_attention(big, big, big)
+    with pytest.raises(TypeError, match="q must be a floating tensor"):
+        fastdistill.fused_attention(q.long(), q, q)
+    with pytest.raises(TypeError, match="scale must be a float"):
+        fastdistill.fused_attention(q, q, q, scale="0.1")
+    with pytest.raises(ValueError, match="scale must be finite"):
+        fastdistill.fused_attention(q, q, q, scale=math.inf)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_rejects_float64_with_advice(backend):
+    q = torch.randn(1, 1, 3, 16, dtype=torch.float64)
+    with dispatch.use_backend(backend), pytest.raises(TypeError, match="use_backend\\('reference'\\)"):
+        fastdistill.fused_attention(q, q, q)
+
+
+def test_reference_is_plain_softmax_attention():
+    q, k, v = _qkv(1, 2, 3, 4, 8, torch.float64, grad=False)
+    s = q @ k.transpose(-1, -2) / math.sqrt(8)
+    torch.testing.assert_close(attention_reference(q, k, v), torch.softmax(s, -1) @ v)

@@ -1,0 +1,633 @@
+"""fastdistill.distributed and every cross-sample loss under DDP: 2 CPU ranks, gloo, file:// rendezvous.
+
+The central check (../shared/ecosystem.md section 4.2): a DDP run on 2 ranks, each holding half the batch,
+gives exactly the gradient of the single-process full-batch loss, and the common mistake (no-grad gather
+with the local slot put back) gives 1/W of it and fails that same check, so the check can fail.
+
+Each test group is one ``torch.multiprocessing.spawn`` of 2 ranks that runs several scenarios (spawning
+costs ~3 s); a module-scoped fixture caches a group's per-rank results and the tests assert on them.
+A scenario that raises records its traceback, and the test for it fails with that traceback (ops that have
+not landed fail loudly, they are never skipped).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import fastdistill
+from fastdistill import distributed as fdist
+
+WORLD = 2
+# fp32 everywhere: the DDP and reference paths sum the same terms in a different order
+RTOL, ATOL = 2e-4, 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
+# spawn machinery
+
+
+def _worker(rank: int, world: int, rdzv: str, group_name: str, out_dir: str) -> None:
+    torch.set_num_threads(1)  # 2 ranks on a shared 2-core box
+    # A short timeout turns a would-be hang (one rank failing inside a collective) into an error.
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    results: dict[str, Any] = {}
+    try:
+        for name, fn in GROUPS[group_name]:
+            try:
+                results[name] = {"ok": True, "value": fn(rank, world)}
+            except Exception:  # recorded and re-raised as a test failure in the parent
+                results[name] = {"ok": False, "error": traceback.format_exc()}
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def _spawn(tmp: Path, group_name: str) -> list[dict[str, Any]]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_worker, args=(WORLD, str(tmp / "rdzv"), group_name, str(tmp)), nprocs=WORLD, join=True)
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _values(results: list[dict[str, Any]], name: str) -> list[Any]:
+    """The scenario's value on every rank, or a test failure carrying the rank's traceback."""
+    out = []
+    for r, res in enumerate(results):
+        entry = res.get(name)
+        if entry is None:
+            pytest.fail(f"scenario {name} did not run on rank {r}")
+        if not entry["ok"]:
+            pytest.fail(f"scenario {name} failed on rank {r}:\n{entry['error']}")
+        out.append(entry["value"])
+    return out
+
+
+def _close(a: Any, b: Any, *, rtol: float = RTOL, atol: float = ATOL) -> bool:
+    return torch.allclose(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                          rtol=rtol, atol=atol)
+
+
+def _assert_close(a: Any, b: Any, what: str, *, rtol: float = RTOL, atol: float = ATOL) -> None:
+    torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                               rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers used inside the ranks
+
+
+def _grads(model: nn.Module) -> list[float]:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).tolist()
+
+
+def _nograd_gather(t: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    return torch.cat(parts)
+
+
+def _nograd_gather_local_slot(t: torch.Tensor) -> torch.Tensor:
+    """The common mistake (CLIP-style): no-grad all_gather, then put the local tensor (with grad) back."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    parts[dist.get_rank()] = t
+    return torch.cat(parts)
+
+
+def _full_inputs(seed: int, *shape: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g)
+
+
+LossOf = Callable[[torch.Tensor, list[torch.Tensor], Any], torch.Tensor]
+
+
+def _ddp_vs_full_batch(rank: int, world: int, make_model: Callable[[], nn.Module], x_full: torch.Tensor,
+                       extras_full: list[torch.Tensor], loss_of: LossOf) -> dict[str, Any]:
+    """Gradients of: the single-process full-batch loss (reference), the DDP run with the op's process
+    group (default WORLD), and the DDP run with the no-grad-gather-plus-local-slot mistake."""
+    b = x_full.shape[0] // world
+    sl = slice(rank * b, (rank + 1) * b)
+
+    torch.manual_seed(1234)
+    ref_model = make_model()
+    ref_loss = loss_of(ref_model(x_full), extras_full, None)
+    ref_loss.backward()
+
+    torch.manual_seed(1234)
+    ddp = DDP(make_model())
+    loss = loss_of(ddp(x_full[sl]), [e[sl] for e in extras_full], fdist.WORLD)
+    loss.backward()
+
+    torch.manual_seed(1234)
+    ddp_bad = DDP(make_model())
+    feats = _nograd_gather_local_slot(ddp_bad(x_full[sl]))
+    bad_loss = loss_of(feats, [_nograd_gather(e[sl]) for e in extras_full], None)
+    bad_loss.backward()
+
+    return {"ref_loss": ref_loss.item(), "loss": loss.item(), "bad_loss": bad_loss.item(),
+            "ref_grad": _grads(ref_model), "grad": _grads(ddp.module), "bad_grad": _grads(ddp_bad.module)}
+
+
+# --------------------------------------------------------------------------------------------------
+# group 1: the primitives
+
+
+def _prim_queries(rank: int, world: int) -> dict[str, Any]:
+    g_self = [dist.new_group([r]) for r in range(world)]  # every rank must create every group
+    out = {
+        "is_active": fdist.is_active(),
+        "is_active_none": fdist.is_active(None),
+        "world_size": fdist.world_size(),
+        "rank": fdist.rank(),
+        "resolved_world": fdist.resolve_group(fdist.WORLD) is not None,
+        "own_single_group_local": fdist.resolve_group(g_self[rank]) is None,
+    }
+    try:
+        fdist.resolve_group(g_self[1 - rank])
+        out["non_member"] = "no error"
+    except ValueError as e:
+        out["non_member"] = str(e)
+    return out
+
+
+def _gather_case(rank: int, world: int, legacy: bool) -> dict[str, Any]:
+    calls = []
+    import torch.distributed.nn.functional as dnf
+    original = dnf.all_gather
+
+    def counting(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    dnf.all_gather = counting
+    try:
+        with fdist.force_legacy_gather(legacy):
+            path = fdist.gather_path()
+            x = (torch.arange(6.0).reshape(3, 2) + 10 * rank).requires_grad_()
+            y = fdist.all_gather_with_grad(x)
+            w = torch.arange(12.0).reshape(6, 2) + 1
+            (y * w).sum().backward()
+    finally:
+        dnf.all_gather = original
+    return {"path": path, "legacy_calls": len(calls), "y": y.tolist(), "grad": x.grad.tolist(),
+            "type": type(y).__name__}
+
+
+def _prim_gather_functional(rank: int, world: int) -> dict[str, Any]:
+    return _gather_case(rank, world, legacy=False)
+
+
+def _prim_gather_legacy(rank: int, world: int) -> dict[str, Any]:
+    return _gather_case(rank, world, legacy=True)
+
+
+def _prim_uneven(rank: int, world: int) -> dict[str, Any]:
+    out = {}
+    for legacy in (False, True):
+        with fdist.force_legacy_gather(legacy):
+            try:
+                fdist.all_gather_with_grad(torch.ones(2 + rank, 3, requires_grad=True))
+                out[f"legacy={legacy}"] = "no error"
+            except ValueError as e:
+                out[f"legacy={legacy}"] = str(e)
+    try:  # same batch, different trailing shape
+        fdist.all_gather_with_grad(torch.ones(2, 3 + rank))
+        out["trailing"] = "no error"
+    except ValueError as e:
+        out["trailing"] = str(e)
+    # the group still works after the rejected calls (no rank is left inside a collective)
+    out["after"] = fdist.all_gather_with_grad(torch.full((1,), float(rank))).tolist()
+    return out
+
+
+def _prim_all_reduce(rank: int, world: int) -> dict[str, Any]:
+    x = (torch.arange(4.0) * (rank + 1)).requires_grad_()
+    y = fdist.all_reduce_with_grad(x)
+    (y * torch.arange(1.0, 5.0)).sum().backward()
+    return {"y": y.tolist(), "grad": x.grad.tolist(), "x_after": x.tolist()}
+
+
+_MOMENT_ROWS = (3, 5)  # uneven per-rank counts on purpose: moments do not need equal sizes
+
+
+def _moment_data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    full = torch.randn(sum(_MOMENT_ROWS), 4, generator=g, dtype=torch.float64) * 3 + 5
+    start = sum(_MOMENT_ROWS[:rank])
+    return full, full[start:start + _MOMENT_ROWS[rank]]
+
+
+def _moment_loss(mean: torch.Tensor, m2: torch.Tensor, n: float) -> torch.Tensor:
+    return (mean ** 2).sum() + (m2 / n).pow(2).sum()  # non-linear in both, so a local merge differs
+
+
+def _prim_moments(rank: int, world: int) -> dict[str, Any]:
+    full, local = _moment_data(rank)
+    local = local.clone().requires_grad_()
+    mean = local.mean(0)
+    m2 = ((local - mean) ** 2).sum(0)
+    n, gmean, gm2 = fdist.all_reduce_moments(local.shape[0], mean, m2)
+    _moment_loss(gmean, gm2, float(n)).backward()
+    # float32 inputs, tensor counts of shape (C,) broadcast against mean, and a rank with n == 0
+    x32 = local.detach().float()
+    if rank == 1:
+        x32 = x32[:0]
+    cnt = torch.full((4,), float(x32.shape[0]))
+    mean32 = x32.mean(0) if x32.shape[0] else torch.zeros(4)
+    m2_32 = ((x32 - mean32) ** 2).sum(0)
+    n32, gmean32, gm2_32 = fdist.all_reduce_moments(cnt, mean32, m2_32)
+    return {"n": n, "mean": gmean.tolist(), "m2": gm2.tolist(), "grad": local.grad.tolist(),
+            "n32": n32.tolist(), "mean32": gmean32.tolist(), "m2_32": gm2_32.tolist(),
+            "dtype32": str(gmean32.dtype)}
+
+
+# --------------------------------------------------------------------------------------------------
+# group 2: every cross-sample loss, DDP gradients vs full-batch gradients
+
+B, C, H, W_ = 3, 4, 2, 3  # per-rank batch 3 (global 6), P = 6 pixels: nothing a power of two
+
+
+def _map_model() -> nn.Module:
+    return nn.Conv2d(3, C, kernel_size=1)
+
+
+def _vec_model() -> nn.Module:
+    return nn.Linear(5, 2 * C)
+
+
+def _loss_primitive_relational(rank: int, world: int) -> dict[str, Any]:
+    """A dense relational KL written with the primitives alone (checks the harness and the primitives)."""
+    def loss_of(feat, extras, group):
+        feat, teacher = fdist.all_gather_with_grad(feat, group), fdist.all_gather_with_grad(extras[0], group)
+        fs, ft = F.normalize(feat, dim=1), F.normalize(teacher, dim=1)
+        log_ps, log_pt = (fs @ fs.T / 0.5).log_softmax(1), (ft @ ft.T / 0.5).log_softmax(1)
+        return F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean")
+
+    x = _full_inputs(21, WORLD * B, 5)
+    teacher = _full_inputs(22, WORLD * B, 6)
+    return _ddp_vs_full_batch(rank, world, _vec_model, x, [teacher], loss_of)
+
+
+def _loss_primitive_moments(rank: int, world: int) -> dict[str, Any]:
+    """Per-channel batch moments merged with all_reduce_moments (SyncBatchNorm-style statistics)."""
+    def loss_of(feat, extras, group):
+        x = feat.transpose(0, 1).reshape(feat.shape[1], -1)
+        mean = x.mean(1)
+        n, mean, m2 = fdist.all_reduce_moments(x.shape[1], mean, ((x - mean[:, None]) ** 2).sum(1), group)
+        return ((mean - 0.3) ** 2).sum() + ((m2 / n - 1.0) ** 2).sum()
+
+    x = _full_inputs(23, WORLD * B, 3, H, W_)
+    return _ddp_vs_full_batch(rank, world, _map_model, x, [], loss_of)
+
+
+def _loss_relational_kl(rank: int, world: int) -> dict[str, Any]:
+    def loss_of(feat, extras, group):
+        t = extras[0]
+        return fastdistill.relational_kl(feat[:, :C], feat[:, C:], t[:, :3], t[:, 3:], temperature=0.5,
+                                         normalize=True, process_group=group)
+
+    x = _full_inputs(1, WORLD * B, 5)
+    teacher = _full_inputs(2, WORLD * B, 6)
+    return _ddp_vs_full_batch(rank, world, _vec_model, x, [teacher], loss_of)
+
+
+def _loss_fused_rdd(rank: int, world: int) -> dict[str, Any]:
+    def loss_of(feat, extras, group):
+        return fastdistill.fused_rdd_loss(feat, extras[0], temperature=0.5, pairs="all", process_group=group)
+
+    x = _full_inputs(3, WORLD * B, 3, H, W_)
+    teacher = _full_inputs(4, WORLD * B, 5, H, W_).relu()
+    return _ddp_vs_full_batch(rank, world, _map_model, x, [teacher], loss_of)
+
+
+def _loss_intra_sample_p2p(rank: int, world: int) -> dict[str, Any]:
+    def loss_of(feat, extras, group):
+        crit = fastdistill.nn.IntraSampleP2PLoss(temperature=0.5, process_group=group)
+        return crit(feat, extras[0])
+
+    x = _full_inputs(5, WORLD * B, 3, H, W_)
+    teacher = _full_inputs(6, WORLD * B, C, H, W_).relu()
+    return _ddp_vs_full_batch(rank, world, _map_model, x, [teacher], loss_of)
+
+
+def _moments_of(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, var) from moment_statistics' result, whether a tuple or a named result."""
+    if isinstance(out, tuple) and len(out) >= 2:
+        return out[0], out[1]
+    return out.mean, out.var
+
+
+def _loss_moment_statistics(rank: int, world: int) -> dict[str, Any]:
+    def loss_of(feat, extras, group):
+        mean, var = _moments_of(fastdistill.moment_statistics(feat, dims=(0, 2, 3), process_group=group))
+        return ((mean - 0.3) ** 2).sum() + ((var - 1.0) ** 2).sum()
+
+    x = _full_inputs(7, WORLD * B, 3, H, W_)
+    return _ddp_vs_full_batch(rank, world, _map_model, x, [], loss_of)
+
+
+# timesteps of the global batch: segment 0 has 2 samples on rank 0 and 0 on rank 1, segment 2 the reverse,
+# segment 1 has 1 and 2: per-segment counts differ across ranks, so local counts give a different loss.
+_BOUNDARIES = [0, 300, 600, 1000]
+_TIMESTEPS = [10, 250, 400, 450, 900, 320]
+
+
+def _loss_segment_mse(rank: int, world: int) -> dict[str, Any]:
+    boundaries = torch.tensor(_BOUNDARIES)
+
+    def loss_of(feat, extras, group):
+        target, t = extras
+        routing = fastdistill.segment_route(t.long(), boundaries)
+        out = fastdistill.segment_mse(feat, target, routing, reduction="per_segment", process_group=group)
+        return out.sum()
+
+    x = _full_inputs(8, WORLD * B, 3, H, W_)
+    target = _full_inputs(9, WORLD * B, C, H, W_)
+    t = torch.tensor(_TIMESTEPS, dtype=torch.float64)  # float so the no-grad gather helper can carry it
+    return _ddp_vs_full_batch(rank, world, _map_model, x, [target, t], loss_of)
+
+
+class _StudentWithMemoryLoss(nn.Module):
+    def __init__(self, group: Any) -> None:
+        super().__init__()
+        self.student = _map_model()
+        self.memory = fastdistill.nn.MemoryP2PLoss(pixel_memory_size=40, pixel_contrast_size=12,
+                                                   s_channels=C, t_channels=C, factor=0.1, process_group=group)
+
+    def forward(self, x: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return self.memory(self.student(x), teacher)
+
+
+def _memory_run(rank: int, world: int, distributed: bool, steps: int = 4) -> dict[str, Any]:
+    torch.manual_seed(99)  # same seed on every rank, as the official RDD loop does
+    model = _StudentWithMemoryLoss(fdist.WORLD if distributed else None)
+    # broadcast_buffers=False: DDP must not paper over diverging queues by copying rank 0's buffers
+    net = DDP(model, broadcast_buffers=False) if distributed else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for step in range(steps):
+        x = _full_inputs(100 + step, WORLD * B, 3, H, W_)
+        teacher = _full_inputs(200 + step, WORLD * B, C, H, W_).relu()
+        if distributed:
+            x, teacher = x[rank * B:(rank + 1) * B], teacher[rank * B:(rank + 1) * B]
+        loss = net(x, teacher)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {"queue": model.memory.teacher_pixel_queue.tolist(),
+            "ptr": model.memory.pixel_queue_ptr.reshape(-1).tolist(), "losses": losses}
+
+
+def _loss_memory_p2p(rank: int, world: int) -> dict[str, Any]:
+    return {"ddp": _memory_run(rank, world, True), "single": _memory_run(rank, world, False)}
+
+
+# --------------------------------------------------------------------------------------------------
+# group 3: MultiStudent under DDP with a student that gets no samples on a rank
+
+
+def _tiny_unet() -> nn.Module:
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(4, 8),
+                       norm_num_groups=2, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1)
+
+
+# rank 0 only feeds students 0 and 1, rank 1 only students 1 and 2
+_MS_TIMESTEPS = [[10, 350, 20, 420], [700, 800, 320, 950]]
+
+
+def _make_multi_student() -> nn.Module:
+    torch.manual_seed(5)
+    return fastdistill.nn.MultiStudent([_tiny_unet() for _ in range(3)], _BOUNDARIES, num_train_timesteps=1000)
+
+
+def _multi_student_ddp(rank: int, world: int) -> dict[str, Any]:
+    n = len(_MS_TIMESTEPS[0])
+    x = _full_inputs(11, world * n, 3, 8, 8)
+    target = _full_inputs(12, world * n, 3, 8, 8)
+    t_full = torch.tensor(sum(_MS_TIMESTEPS, []))
+
+    ref = _make_multi_student()
+    F.mse_loss(ref(x, t_full).sample, target).backward()
+
+    model = _make_multi_student()
+    ddp = DDP(model)  # default find_unused_parameters=False: the idle student must still take part
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sl = slice(rank * n, (rank + 1) * n)
+    t_local = torch.tensor(_MS_TIMESTEPS[rank])
+    losses, first_grad = [], None
+    for step in range(3):
+        out = ddp(x[sl], t_local)
+        loss = F.mse_loss(out.sample, target[sl])
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            first_grad = _grads(model)
+        opt.step()
+        losses.append(loss.item())
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return {"losses": losses, "grad": first_grad, "ref_grad": _grads(ref),
+            "param_sum": params.sum().item(), "param_abs": params.abs().sum().item(),
+            "params_head": params[:64].tolist()}
+
+
+GROUPS: dict[str, list[tuple[str, Callable[[int, int], Any]]]] = {
+    "primitives": [
+        ("queries", _prim_queries),
+        ("gather_functional", _prim_gather_functional),
+        ("gather_legacy", _prim_gather_legacy),
+        ("uneven", _prim_uneven),
+        ("all_reduce", _prim_all_reduce),
+        ("moments", _prim_moments),
+    ],
+    "losses": [
+        ("primitive_relational", _loss_primitive_relational),
+        ("primitive_moments", _loss_primitive_moments),
+        ("relational_kl", _loss_relational_kl),
+        ("fused_rdd_loss", _loss_fused_rdd),
+        ("IntraSampleP2PLoss", _loss_intra_sample_p2p),
+        ("moment_statistics", _loss_moment_statistics),
+        ("segment_mse", _loss_segment_mse),
+        ("MemoryP2PLoss", _loss_memory_p2p),
+    ],
+    "multi_student": [("ddp", _multi_student_ddp)],
+}
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], list[dict[str, Any]]]:
+    cache: dict[str, list[dict[str, Any]]] = {}
+
+    def get(group: str) -> list[dict[str, Any]]:
+        if group not in cache:
+            cache[group] = _spawn(tmp_path_factory.mktemp(f"dist_{group}"), group)
+        return cache[group]
+
+    return get
+
+
+# --------------------------------------------------------------------------------------------------
+# tests: local behaviour (no process group in this process)
+
+
+def test_local_without_process_group():
+    assert not dist.is_initialized()
+    assert fdist.resolve_group(fdist.WORLD) is None
+    assert fdist.resolve_group(None) is None
+    assert not fdist.is_active()
+    assert fdist.world_size() == 1 and fdist.rank() == 0
+    x = torch.randn(3, 2, requires_grad=True)
+    assert fdist.all_gather_with_grad(x) is x
+    assert fdist.all_reduce_with_grad(x) is x
+    mean, m2 = torch.randn(4), torch.rand(4)
+    n, mean_out, m2_out = fdist.all_reduce_moments(5, mean, m2)
+    assert n == 5 and mean_out is mean and m2_out is m2
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="process_group"):
+        fdist.resolve_group("everyone")
+    with pytest.raises(ValueError, match="not initialised"):
+        fdist.resolve_group(object())
+    with pytest.raises(TypeError, match="tensor"):
+        fdist.all_gather_with_grad([1.0, 2.0])
+    with pytest.raises(ValueError, match="at least 1 dim"):
+        fdist.all_gather_with_grad(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="same shape"):
+        fdist.all_reduce_moments(3, torch.zeros(4), torch.zeros(5))
+
+
+# --------------------------------------------------------------------------------------------------
+# tests: primitives on 2 ranks
+
+
+def test_group_queries(spawned):
+    for r, v in enumerate(_values(spawned("primitives"), "queries")):
+        assert v["is_active"] and v["resolved_world"] and not v["is_active_none"]
+        assert v["world_size"] == WORLD and v["rank"] == r
+        assert v["own_single_group_local"]
+        assert "not a member" in v["non_member"]
+
+
+@pytest.mark.parametrize("path", ["functional", "legacy"])
+def test_all_gather_with_grad(spawned, path):
+    vals = _values(spawned("primitives"), f"gather_{path}")
+    expected_y = [[float(2 * (i % 3) + j + 10 * (i // 3)) for j in range(2)] for i in range(6)]
+    w = torch.arange(12.0).reshape(6, 2) + 1
+    for r, v in enumerate(vals):
+        assert v["path"] == path
+        assert (v["legacy_calls"] > 0) == (path == "legacy")
+        assert v["type"] == "Tensor"
+        assert v["y"] == expected_y
+        # both ranks' losses use rank r's slice: its gradient is the sum of the W identical upstreams
+        assert v["grad"] == (WORLD * w[3 * r:3 * r + 3]).tolist()
+
+
+def test_uneven_batches_rejected_without_hang(spawned):
+    for v in _values(spawned("primitives"), "uneven"):
+        for legacy in (False, True):
+            msg = v[f"legacy={legacy}"]
+            assert "rank 0: 2" in msg and "rank 1: 3" in msg, msg
+        assert "differ across ranks" in v["trailing"]
+        assert v["after"] == [0.0, 1.0]
+
+
+def test_all_reduce_with_grad(spawned):
+    for v in _values(spawned("primitives"), "all_reduce"):
+        assert v["y"] == [0.0, 3.0, 6.0, 9.0]
+        assert v["grad"] == [2.0, 4.0, 6.0, 8.0]  # sum over both ranks of the upstream gradient
+        assert v["x_after"] != v["y"]  # the input is not modified in place
+
+
+def test_all_reduce_moments_matches_single_process(spawned):
+    vals = _values(spawned("primitives"), "moments")
+    full, _ = _moment_data(0)
+    full = full.clone().requires_grad_()
+    mean = full.mean(0)
+    m2 = ((full - mean) ** 2).sum(0)
+    _moment_loss(mean, m2, float(full.shape[0])).backward()
+    start = 0
+    for r, v in enumerate(vals):
+        assert v["n"] == full.shape[0]
+        _assert_close(v["mean"], mean.tolist(), "global mean", rtol=1e-12, atol=1e-12)
+        _assert_close(v["m2"], m2.tolist(), "global M2", rtol=1e-12, atol=1e-12)
+        rows = _MOMENT_ROWS[r]
+        # every rank's loss is the global loss: rank r's rows receive W times the full-batch gradient
+        _assert_close(v["grad"], (WORLD * full.grad[start:start + rows]).tolist(), "moment gradient",
+                      rtol=1e-10, atol=1e-12)
+        start += rows
+        # float32 with a rank holding no samples: the global moments are rank 0's alone
+        x0 = full.detach()[:_MOMENT_ROWS[0]].float()
+        assert v["n32"] == [float(_MOMENT_ROWS[0])] * 4
+        _assert_close(v["mean32"], x0.mean(0).tolist(), "mean with an empty rank", rtol=1e-5)
+        _assert_close(v["m2_32"], ((x0 - x0.mean(0)) ** 2).sum(0).tolist(), "M2 with an empty rank", rtol=1e-5)
+        assert v["dtype32"] == "torch.float32"
+
+
+# --------------------------------------------------------------------------------------------------
+# tests: every cross-sample loss under DDP
+
+
+LOSSES = ["primitive_relational", "primitive_moments", "relational_kl", "fused_rdd_loss", "IntraSampleP2PLoss", "moment_statistics", "segment_mse"]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_ddp_gradient_equals_full_batch_gradient(spawned, loss):
+    vals = _values(spawned("losses"), loss)
+    for r, v in enumerate(vals):
+        _assert_close(v["loss"], v["ref_loss"], f"{loss}: rank {r} loss vs the full-batch loss")
+        _assert_close(v["grad"], v["ref_grad"], f"{loss}: rank {r} DDP gradient vs the full-batch gradient")
+    # DDP all-reduced the gradients: identical on both ranks (not just close to the reference)
+    assert vals[0]["grad"] == vals[1]["grad"]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_nograd_gather_mistake_fails_the_same_check(spawned, loss):
+    for v in _values(spawned("losses"), loss):
+        # the loss value is right ...
+        _assert_close(v["bad_loss"], v["ref_loss"], f"{loss}: mistake loss value")
+        # ... but the gradient is not: the same comparison as above must fail
+        assert not _close(v["bad_grad"], v["ref_grad"]), f"{loss}: the mistake went undetected"
+        # each rank back-propagates only through its own slot: DDP's mean gives exactly 1/W of the gradient
+        _assert_close([WORLD * g for g in v["bad_grad"]], v["ref_grad"], f"{loss}: mistake = 1/W")
+
+
+def test_memory_p2p_queues_identical_across_ranks(spawned):
+    vals = _values(spawned("losses"), "MemoryP2PLoss")
+    ddp0, ddp1 = vals[0]["ddp"], vals[1]["ddp"]
+    assert ddp0["ptr"] == ddp1["ptr"]
+    assert ddp0["queue"] == ddp1["queue"], "teacher pixel queues diverged across ranks"
+    # the queues hold the GLOBAL batch's teacher pixels: the same as one process fed the full batch
+    single = vals[0]["single"]
+    assert ddp0["ptr"] == single["ptr"]
+    _assert_close(ddp0["queue"], single["queue"], "queue vs the single-process full-batch queue")
+    # 4 steps of 6 x 6 = 36 global teacher pixels each pass the 40-row queue several times (the ring wraps)
+    assert all(torch.isfinite(torch.tensor(d["losses"])).all() for d in (ddp0, ddp1))
+
+
+def test_multi_student_ddp_with_idle_student(spawned):
+    vals = _values(spawned("multi_student"), "ddp")
+    for r, v in enumerate(vals):
+        assert len(v["losses"]) == 3 and all(torch.isfinite(torch.tensor(v["losses"])))
+        # the zero-weight touch of the idle student changes nothing: full-batch gradient after DDP's mean
+        _assert_close(v["grad"], v["ref_grad"], f"MultiStudent rank {r} DDP gradient vs full batch")
+    assert vals[0]["params_head"] == vals[1]["params_head"]
+    assert vals[0]["param_sum"] == vals[1]["param_sum"] and vals[0]["param_abs"] == vals[1]["param_abs"]

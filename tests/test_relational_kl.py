@@ -1,0 +1,192 @@
+"""relational_kl: the flash-style core against the dense float64 formula, every backend and dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdistill
+from fastdistill import testing
+from fastdistill.ops.relational_kl import relational_kl, relational_kl_reference
+
+BACKENDS = testing.backends_under_test("relational_kl")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+# KL = sum p_T (l_T - l_S) - lse_T + lse_S cancels: the fp32 error scales with the logits (~1), not with a
+# small KL, so values get a looser fp32 bound than testing.TOLERANCES (16-bit bounds are unchanged).
+RTOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def check(fn, ref, args, kwargs=None, *, backend, **kw):
+    """check_against_reference with ``fn`` run under ``backend`` (forced inside the call: the backward
+    replays the backend chosen in the forward, so the whole check runs on it)."""
+    def run(*a, **k):
+        with fastdistill.use_backend(backend):
+            return fn(*a, **k)
+
+    return testing.check_against_reference(run, ref, args, kwargs, **kw)
+
+# (G, N, M, C_s, C_t, segment_size): awkward sizes, 1s, C_s != C_t, a C above one channel tile (130),
+# several key tiles per segment (M=70 > 64: online rescaling), segments smaller than a tile.
+SHAPES = [
+    (None, 1, 3, 1, 1, None),
+    (2, 1, 4, 2, 3, 2),
+    (None, 7, 17, 5, 9, None),
+    (3, 5, 12, 3, 37, 4),
+    (None, 20, 70, 16, 8, None),
+    (2, 9, 30, 130, 20, 15),
+]
+
+
+def _inputs(G, N, M, Cs, Ct, dtype, gen, scale=1.0):
+    sh = (lambda n, c: (n, c)) if G is None else (lambda n, c: (G, n, c))
+    q_s = testing.randn(*sh(N, Cs), dtype=dtype, gen=gen, scale=scale, requires_grad=True)
+    k_s = testing.randn(*sh(M, Cs), dtype=dtype, gen=gen, scale=scale, requires_grad=True)
+    q_t = testing.randn(*sh(N, Ct), dtype=dtype, gen=gen, scale=scale)
+    k_t = testing.randn(*sh(M, Ct), dtype=dtype, gen=gen, scale=scale)
+    return q_s, k_s, q_t, k_t
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(str(v) for v in s))
+def test_matches_dense_formula(backend, dtype, shape):
+    G, N, M, Cs, Ct, S = shape
+    gen = testing.generator()
+    args = _inputs(G, N, M, Cs, Ct, dtype, gen)
+    reduction = "none" if S is not None else "mean"
+    kw = dict(temperature=0.7, kd_temperature=1.3, segment_size=S, reduction=reduction)
+    check(relational_kl, relational_kl_reference, args, kw, dtype=dtype,
+          backend=backend, rtol=RTOL[dtype], grad_rtol=GRAD_RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_self_similarity_segments_normalized(backend, dtype):
+    """q_s is k_s (RDD's pixel-to-pixel form): both gradient roles add up in one tensor."""
+    gen = testing.generator()
+    f_s = testing.randn(24, 11, dtype=dtype, gen=gen, requires_grad=True)
+    f_t = testing.randn(24, 6, dtype=dtype, gen=gen)
+
+    def fn(f_s, f_t):
+        return relational_kl(f_s, f_s, f_t, f_t, temperature=0.5, segment_size=8, normalize=True,
+                             reduction="sum")
+
+    check(fn, lambda a, b: relational_kl_reference(
+        a, a, b, b, temperature=0.5, segment_size=8, normalize=True, reduction="sum"),
+        [f_s, f_t], dtype=dtype, backend=backend, rtol=RTOL[dtype], grad_rtol=GRAD_RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sharp_softmax_is_stable(backend):
+    """Unit-norm rows at tau=0.02 (logits up to 50) across several key tiles: no overflow."""
+    gen = testing.generator()
+    q_s, k_s, q_t, k_t = _inputs(None, 6, 90, 8, 8, torch.float32, gen)
+    check(relational_kl, relational_kl_reference, [q_s, k_s, q_t, k_t],
+                                     dict(temperature=0.02, normalize=True, reduction="none"),
+                                     dtype=torch.float32, backend=backend, rtol=1e-4, grad_rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    gen = testing.generator()
+    q_s_leaf = testing.randn(9, 2, 7, gen=gen, requires_grad=True)  # used as q_leaf[:, 0]: row stride 14
+    k_s_leaf = testing.randn(7, 13, gen=gen, requires_grad=True)  # used as k_leaf.t(): column-major
+    q_t = testing.randn(5, 9, gen=gen).t()  # (9, 5), column-major
+    k_t = testing.randn(5, 13, gen=gen).t()
+    q_s, k_s = q_s_leaf[:, 0], k_s_leaf.t()
+
+    def fn(q_leaf, k_leaf, q_t, k_t):
+        return relational_kl(q_leaf[:, 0], k_leaf.t(), q_t, k_t, reduction="none")
+
+    def ref(q_leaf, k_leaf, q_t, k_t):
+        return relational_kl_reference(q_leaf[:, 0], k_leaf.t(), q_t, k_t, reduction="none")
+
+    assert not q_s.is_contiguous() and not k_s.is_contiguous() and not q_t.is_contiguous()
+    check(fn, ref, [q_s_leaf, k_s_leaf, q_t, k_t], dtype=torch.float32, backend=backend, rtol=1e-4)
+
+
+def test_backends_agree_and_no_teacher_grad():
+    gen = testing.generator()
+    q_s, k_s, q_t, k_t = _inputs(2, 6, 10, 4, 5, torch.float32, gen)
+    q_t.requires_grad_(True)
+    outs = {}
+    for b in BACKENDS:
+        with fastdistill.use_backend(b):
+            loss = relational_kl(q_s, k_s, q_t, k_t, segment_size=5)
+        g = torch.autograd.grad(loss, [q_s, k_s, q_t], allow_unused=True)
+        assert g[2] is None  # the teacher is a constant of the loss
+        outs[b] = (loss.detach(), g[0], g[1])
+    first = outs[BACKENDS[0]]
+    for b in BACKENDS[1:]:
+        for x, y in zip(first, outs[b]):
+            testing.assert_close(x, y, rtol=1e-5)
+
+
+def test_kl_is_zero_for_identical_distributions_and_positive_otherwise():
+    gen = testing.generator()
+    q, k, _, _ = _inputs(None, 5, 9, 4, 4, torch.float32, gen)
+    for b in BACKENDS:
+        with fastdistill.use_backend(b):
+            same = relational_kl(q, k, q.detach(), k.detach(), reduction="none")
+            diff = relational_kl(q, k, 2 * q.detach(), k.detach(), reduction="none")
+        assert same.abs().max().item() < 1e-5
+        assert (diff > 0).all()
+
+
+def test_local_default_process_group_equals_none():
+    gen = testing.generator()
+    args = _inputs(None, 5, 8, 3, 3, torch.float32, gen)
+    a = relational_kl(*args)
+    b = relational_kl(*args, process_group=None)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_reference():
+    gen = testing.generator()
+    args = _inputs(2, 5, 8, 3, 4, torch.float32, gen)
+
+    def f(q_s, k_s, q_t, k_t):
+        return relational_kl(q_s, k_s, q_t, k_t, temperature=0.5, segment_size=4, normalize=True)
+
+    with fastdistill.use_backend("reference"):
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        got = compiled(*args)
+        gq = torch.autograd.grad(got, args[:2])
+        want = f(*args)
+        wq = torch.autograd.grad(want, args[:2])
+    testing.assert_close(got, want, rtol=1e-6)
+    for a, b in zip(gq, wq):
+        testing.assert_close(a, b, rtol=1e-6)
+
+
+def test_opcheck_custom_ops():
+    from fastdistill.ops import relational_kl as mod
+
+    gen = testing.generator()
+    q_s, k_s, q_t, k_t = (t.unsqueeze(0).unsqueeze(0) for t in _inputs(None, 4, 6, 3, 3, torch.float32, gen))
+    for b in BACKENDS:
+        torch.library.opcheck(mod._fwd_op, (q_s, k_s, q_t.detach(), k_t.detach(), None, 1.0, 0.5, 3, b),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(q_s=torch.ones(3, 4, dtype=torch.int64)), "q_s"),
+    (dict(q_s=torch.ones(2, 3, 4, 5)), "q_s"),
+    (dict(k_s=torch.ones(6, 5)), "channel count"),
+    (dict(q_t=torch.ones(4, 4)), "q_s and q_t"),
+    (dict(k_t=torch.ones(5, 4)), "k_s and k_t"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(kd_temperature=-1.0), "kd_temperature"),
+    (dict(segment_size=4), "segment_size"),
+    (dict(reduction="avg"), "reduction"),
+    (dict(q_s=torch.ones(3, 4, device="meta")), "same device"),
+])
+def test_bad_input(bad, match):
+    args = dict(q_s=torch.ones(3, 4), k_s=torch.ones(6, 4), q_t=torch.ones(3, 4), k_t=torch.ones(6, 4))
+    kw = {}
+    for k, v in bad.items():
+        (args if k in args else kw)[k] = v
+    with pytest.raises((ValueError, TypeError), match=match):
+        relational_kl(args["q_s"], args["k_s"], args["q_t"], args["k_t"], **kw)
