@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdistill
+import fastdistill.nn  # noqa: F401  (not imported by `import fastdistill`)
 from fastdistill import distributed as fdist
 
 
@@ -98,6 +100,21 @@ class StudentWithRDD(nn.Module):
         }
 
 
+def without_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """CPU ranks only: DDP refuses any module containing ``nn.SyncBatchNorm`` on CPU ("SyncBatchNorm layers
+    only work with GPU modules"), and on CPU tensors MemoryP2PLoss's head normalises with local batch
+    statistics anyway, so a ``BatchNorm2d`` carrying the same parameters and buffers is equivalent there."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.SyncBatchNorm):
+            bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                child.track_running_stats)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn.to(next(child.buffers(), torch.empty(0)).device))
+        else:
+            without_sync_batchnorm(child)
+    return module
+
+
 def setup_distributed(args: argparse.Namespace):
     """(rank, world, device, accelerator or None); torchrun / accelerate set RANK, WORLD_SIZE, ..."""
     use_cuda = torch.cuda.is_available() and not args.cpu
@@ -132,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     teacher = make_unet(args.tiny).to(device).eval().requires_grad_(False)
     teacher_tap = FeatureTap(teacher.mid_block)
     model = StudentWithRDD(make_unet(args.tiny), channels=teacher.config.block_out_channels[-1]).to(device)
+    if device.type == "cpu" and world > 1:
+        without_sync_batchnorm(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     if accelerator is not None:
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -161,9 +180,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             loss.backward()
         optimizer.step()
-        print(f"rank {rank}/{world} step {step} loss {loss.item():.6f} (rdd {losses['rdd'].item():.6f}, "
-              f"memory {losses['memory'].item():.6f}, mse {losses['mse'].item():.6f}) "
-              f"{time.perf_counter() - t0:.2f}s", flush=True)
+        # one write per line: the ranks share the launcher's stdout, and print() writes the newline separately
+        sys.stdout.write(f"rank {rank}/{world} step {step} loss {loss.item():.6f} (rdd {losses['rdd'].item():.6f}, "
+                         f"memory {losses['memory'].item():.6f}, mse {losses['mse'].item():.6f}) "
+                         f"{time.perf_counter() - t0:.2f}s\n")
+        sys.stdout.flush()
     if dist.is_initialized():
         dist.barrier()
         if accelerator is None:

@@ -14,9 +14,9 @@ gradient of the full-batch loss. A no-grad gather with the local slot put back g
 * a ``ProcessGroup`` (or a 1-D ``DeviceMesh``): that group; a group of size 1 computes locally.
 
 Gathers require the same dim-0 size on every rank; a mismatch raises :class:`ValueError` naming every
-rank's size (one small extra all-gather of the shapes per call; pass ``check_sizes=False`` to skip it, e.g.
-under ``torch.compile``, where it would graph-break). A mismatch without the check would hang or fail inside
-the backend.
+rank's size (one small extra all-gather of the shapes per call; ``check_sizes=False`` skips it, and it is
+skipped while ``torch.compile`` traces, where it would break the graph). A mismatch without the check would
+hang or fail inside the backend.
 """
 
 from __future__ import annotations
@@ -197,7 +197,8 @@ def all_gather_with_grad(tensor: torch.Tensor, process_group: ProcessGroupArg = 
         tensor: at least 1-D; every rank must pass the same shape.
         process_group: see the module docstring.
         check_sizes: gather the shapes first and raise ``ValueError`` naming every rank's dim-0 size on a
-            mismatch (instead of hanging). Costs one tiny extra collective.
+            mismatch (instead of hanging). Costs one tiny extra collective. Skipped while
+            ``torch.compile`` traces (it would break the graph): compiled code must keep sizes equal.
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"all_gather_with_grad: tensor must be a torch.Tensor, got {type(tensor).__name__}")
@@ -206,7 +207,8 @@ def all_gather_with_grad(tensor: torch.Tensor, process_group: ProcessGroupArg = 
     group = resolve_group(process_group)
     if group is None:
         return tensor
-    if check_sizes:
+    # Under torch.compile the check (a host-side comparison) would break the graph: it is skipped there.
+    if check_sizes and not torch.compiler.is_compiling():
         _check_gather_shapes(tensor, group, "all_gather_with_grad")
     # Collectives need contiguous buffers; .contiguous() is differentiable and free when already so.
     tensor = tensor.contiguous()
@@ -227,6 +229,24 @@ def all_gather_with_grad(tensor: torch.Tensor, process_group: ProcessGroupArg = 
     return torch.cat(parts, dim=0)
 
 
+def _sum_all_reduce(tensor: torch.Tensor, group: "dist.ProcessGroup") -> torch.Tensor:
+    """Out-of-place SUM all-reduce without autograd: the functional collective (traceable by
+    torch.compile) where present, else the in-place c10d call on a copy."""
+    try:
+        from torch.distributed import _functional_collectives as fc
+    except ImportError:  # private module: may move in a future torch
+        fc = None
+    if fc is not None and hasattr(fc, "all_reduce") and not _force_legacy:
+        out = fc.all_reduce(tensor.contiguous(), "sum", group)
+        wait = getattr(out, "wait", None)
+        if wait is not None and type(out) is not torch.Tensor:
+            out = wait()
+        return out
+    out = tensor.contiguous().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
 class _AllReduceSum(torch.autograd.Function):
     """SUM all-reduce whose backward all-reduces the gradient (y = sum_r x_r is used by every rank's loss,
     so dL_total/dx_r = sum over ranks of dL_r/dy)."""
@@ -234,15 +254,11 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group: "dist.ProcessGroup") -> torch.Tensor:  # type: ignore[override]
         ctx.group = group
-        out = tensor.contiguous().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
+        return _sum_all_reduce(tensor, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        g = grad.contiguous().clone()
-        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
-        return g, None
+        return _sum_all_reduce(grad, ctx.group), None
 
 
 def all_reduce_with_grad(tensor: torch.Tensor, process_group: ProcessGroupArg = WORLD) -> torch.Tensor:

@@ -151,6 +151,13 @@ def _softplus(x):
 
 
 @triton.jit
+def _sigmoid(x):
+    """1/(1 + e^-x) from e^-|x| (never overflows, exact tails)."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
 def _adv_fwd_kernel(r_ptr, f_ptr, out_ptr, NR, NF, HAS_REAL: tl.constexpr, BLOCK: tl.constexpr):
     acc_r = tl.zeros([BLOCK], tl.float32)
     if HAS_REAL:
@@ -184,10 +191,10 @@ def _adv_bwd_kernel(gout_ptr, r_ptr, f_ptr, gr_ptr, gf_ptr, NR, NF, HAS_REAL: tl
         m = idx < NR
         r = tl.load(r_ptr + idx, mask=m, other=0.0).to(tl.float32)
         # d softplus(-r)/dr = -sigmoid(-r)
-        tl.store(gr_ptr + idx, (-gd / NR * tl.sigmoid(-r)).to(gr_ptr.dtype.element_ty), mask=m)
+        tl.store(gr_ptr + idx, (-gd / NR * _sigmoid(-r)).to(gr_ptr.dtype.element_ty), mask=m)
     m = idx < NF
     f = tl.load(f_ptr + idx, mask=m, other=0.0).to(tl.float32)
-    gf = (gd * tl.sigmoid(f) - gg * tl.sigmoid(-f)) / NF
+    gf = (gd * _sigmoid(f) - gg * _sigmoid(-f)) / NF
     tl.store(gf_ptr + idx, gf.to(gf_ptr.dtype.element_ty), mask=m)
 
 

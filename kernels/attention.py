@@ -374,22 +374,28 @@ def _pow2_at_least_16(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(1, n))))
 
 
-def _fwd_config(d_pad: int, lq: int, lk: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, by padded head dim."""
+def _fwd_config(d_pad: int, lq: int, lk: int, elem_bytes: int = 2) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, by padded head dim.
+
+    Shared memory (checked by compiling for sm_90 and sm_80): 16-bit inputs stay under 100 KB; fp32
+    tiles are twice as large, so fp32 uses half the query tile and two stages (<= 164 KB, A100's limit).
+    """
     if d_pad <= 64:
         bm, bn, warps, stages = 128, 64, 4, 3
     elif d_pad <= 128:
         bm, bn, warps, stages = 128, 64, 8, 3
     else:
         bm, bn, warps, stages = 64, 32, 8, 2
+    if elem_bytes > 2:
+        bm, stages = max(32, bm // 2), 2
     # Short sequences (cross-attention over 77 tokens, length 1): do not loop over empty tile rows.
     return _pow2_at_least_16(lq, bm), _pow2_at_least_16(lk, bn), warps, stages
 
 
-def _bwd_config(d_pad: int) -> tuple[int, int, int, int, int, int]:
+def _bwd_config(d_pad: int, elem_bytes: int = 2) -> tuple[int, int, int, int, int, int]:
     """(dkdv BLOCK_M, dkdv BLOCK_N, dq BLOCK_M, dq BLOCK_N, num_warps, num_stages)."""
     if d_pad <= 64:
-        return 32, 128, 128, 32, 4, 3
+        return (32, 128, 128, 32, 4, 3) if elem_bytes <= 2 else (32, 64, 64, 32, 4, 2)
     if d_pad <= 128:
         return 32, 64, 64, 32, 4, 2
     return 16, 32, 32, 16, 8, 1
@@ -413,7 +419,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     B, H, Lq, D = dims(q, layout)
     Lk = dims(k, layout)[2]
     d0, d1 = split_head_dim(D)
-    bm, bn, warps, stages = _fwd_config(d0 + d1, Lq, Lk)
+    bm, bn, warps, stages = _fwd_config(d0 + d1, Lq, Lk, q.element_size())
     out = _alloc.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = _alloc.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if B * H == 0:
@@ -445,7 +451,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     B, H, Lq, D = dims(q, layout)
     Lk = dims(k, layout)[2]
     d0, d1 = split_head_dim(D)
-    kv_bm, kv_bn, q_bm, q_bn, warps, stages = _bwd_config(d0 + d1)
+    kv_bm, kv_bn, q_bm, q_bn, warps, stages = _bwd_config(d0 + d1, q.element_size())
     kv_bm, q_bm = _interp_cap(kv_bm, Lq), _interp_cap(q_bm, Lq)
     kv_bn, q_bn = _interp_cap(kv_bn, Lk), _interp_cap(q_bn, Lk)
     pre_bm = _pow2_at_least_16(Lq, 64)

@@ -27,11 +27,7 @@ BLOCK = 2048  # elements per program; 8 KiB of fp32 per operand, enough in fligh
 NUM_WARPS = 8
 FINISH_BLOCK_B = 32
 FINISH_BLOCK_C = 64
-
-PRED_EPSILON = 0
-PRED_SAMPLE = 1
-PRED_V = 2
-PREDICTION_CODES = {"epsilon": PRED_EPSILON, "sample": PRED_SAMPLE, "v_prediction": PRED_V}
+# prediction types are passed as the constexpr PRED: 0 epsilon, 1 sample, 2 v_prediction
 
 
 def n_chunks(d: int) -> int:

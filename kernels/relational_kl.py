@@ -23,6 +23,8 @@ All accumulation is fp32. Offsets are int64.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -58,7 +60,7 @@ def _key_rows(IDX, j, kmask, HAS_IDX: tl.constexpr):
 @triton.jit
 def _rkl_fwd_kernel(
     QS, KS, QT, KT, IDX, KL, LSE_S, LSE_T,
-    G2, N, S, NSEG, CS, CT, n_row_tiles,
+    G2, N, S, NSEG, CS, CT,
     sqs_g1, sqs_g2, sqs_n, sqs_c,
     sks_g1, sks_g2, sks_m, sks_c,
     sqt_g1, sqt_g2, sqt_n, sqt_c,
@@ -69,6 +71,7 @@ def _rkl_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    n_row_tiles = tl.cdiv(N, BLOCK_N)
     rt = pid % n_row_tiles
     rest = pid // n_row_tiles
     seg = rest % NSEG
@@ -137,10 +140,14 @@ def _pdiff(QS, KS, QT, KT, qs_base, ks_base, qt_base, kt_base, rows, rmask, krow
     return tl.where(valid, (p_s - p_t) * w[:, None], 0.0)
 
 
+_ONE_CHUNK = triton.heuristics({"ONE_CHUNK": lambda a: a["CS"] <= a["BLOCK_C"]})
+
+
+@_ONE_CHUNK
 @triton.jit
 def _rkl_bwd_dq_kernel(
     QS, KS, QT, KT, IDX, LSE_S, LSE_T, DKL, WMAX, DQ,
-    G2, N, S, NSEG, CS, CT, n_row_tiles,
+    G2, N, S, NSEG, CS, CT,
     sqs_g1, sqs_g2, sqs_n, sqs_c,
     sks_g1, sks_g2, sks_m, sks_c,
     sqt_g1, sqt_g2, sqt_n, sqt_c,
@@ -151,6 +158,7 @@ def _rkl_bwd_dq_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    n_row_tiles = tl.cdiv(N, BLOCK_N)
     rt = pid % n_row_tiles
     g = pid // n_row_tiles
     g1 = g // G2
@@ -215,10 +223,11 @@ def _rkl_bwd_dq_kernel(
             tl.store(ptrs, tl.load(ptrs, mask=m2, other=0.0) * (wmax * scale_s), mask=m2)
 
 
+@_ONE_CHUNK
 @triton.jit
 def _rkl_bwd_dk_kernel(
     QS, KS, QT, KT, LSE_S, LSE_T, DKL, WMAX, DK,
-    G2, N, M, S, NSEG, CS, CT, tiles_per_seg,
+    G2, N, M, S, NSEG, CS, CT,
     sqs_g1, sqs_g2, sqs_n, sqs_c,
     sks_g1, sks_g2, sks_m, sks_c,
     sqt_g1, sqt_g2, sqt_n, sqt_c,
@@ -229,6 +238,7 @@ def _rkl_bwd_dk_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    tiles_per_seg = tl.cdiv(S, BLOCK_M)
     kt_i = pid % tiles_per_seg
     rest = pid // tiles_per_seg
     seg = rest % NSEG
@@ -298,43 +308,71 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
              torch.float64: tl.float64}
 
 
+def _interpret() -> bool:
+    from fastdistill import _triton
+
+    return _triton.interpret_mode()
+
+
 def _dot_dtype(a: torch.dtype, b: torch.dtype):
     """The dtype both GEMM operands of one side are cast to, and the fp32 precision to use.
 
-    Equal dtypes: that dtype. fp32 with one 16-bit type (say, an fp32 memory bank against bf16
+    Equal dtypes: that dtype (fp64: fp32). fp32 with one 16-bit type (say, an fp32 memory bank against bf16
     features under autocast): the 16-bit type, as autocast's matmul would. fp16 with bf16: fp32.
     fp32 GEMMs use IEEE precision (no TF32), matching torch's default for matmul.
     """
-    if a == b:
+    if torch.float64 in (a, b):
+        # The fp32 accumulators cannot take fp64 dot products: fp64 inputs are computed in fp32.
+        d = torch.float32
+    elif a == b:
         d = a
-    elif {a, b} == {torch.float16, torch.bfloat16} or torch.float64 in (a, b):
-        d = torch.float32 if torch.float64 not in (a, b) else torch.float64
+    elif {a, b} == {torch.float16, torch.bfloat16}:
+        d = torch.float32
     else:
         d = a if a != torch.float32 else b
     if d == torch.bfloat16 and _interpret():
         # Triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16); bf16 values are
         # exact in fp32 and the GPU accumulates in fp32 too, so the interpreter uses fp32 operands.
         d = torch.float32
-    return _TL_DTYPE[d], "ieee"
+    return _TL_DTYPE[d], ("ieee" if d == torch.float32 else None)
 
 
-def _blocks(n: int, s: int, c_max: int, interpret: bool) -> tuple[int, int, int]:
-    """Tile sizes: a segment of at most 64 keys fits one key tile (no online rescaling inside it)."""
+def _configs(n: int, s: int, c_max: int) -> tuple[tuple[int, int, int, int, int], ...]:
+    """Candidate tiles ``(BLOCK_N, BLOCK_M, BLOCK_C, num_warps, num_stages)``.
+
+    A key tile never spans two segments, so BLOCK_M is capped at the segment length rounded up to a
+    power of two (16 at least, the tl.dot minimum): RDD's P=16 segments run 16-key tiles, long segments
+    use online rescaling across tiles. The interpreter gets one config (no tuning); on GPUs the
+    autotuner picks among a few, keyed by the problem sizes.
+    """
     p2 = triton.next_power_of_2
-    block_m = max(16, min(64, p2(s)))
-    block_n = max(16, min(64, p2(n)))
-    block_c = max(16, min(64 if not interpret else 128, p2(c_max)))
-    return block_n, block_m, block_c
+    bm_cap = max(16, min(128, p2(s)))
+    bn_cap = max(16, min(128, p2(n)))
+    bc_cap = max(16, min(128, p2(c_max)))
+    if _interpret():
+        return ((min(64, bn_cap), min(64, bm_cap), min(128, bc_cap), 4, 1),)
+    cands = [(64, 64, 64, 4, 2), (64, 64, 32, 4, 3), (128, 64, 64, 8, 2), (128, 128, 64, 8, 2),
+             (64, 128, 64, 8, 2), (128, 64, 32, 8, 3), (64, 32, 64, 4, 3)]
+    out = []
+    for bn, bm, bc, w, st in cands:
+        cfg = (min(bn, bn_cap), min(bm, bm_cap), min(bc, bc_cap), w, st)
+        if cfg not in out:
+            out.append(cfg)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel_name: str, configs: tuple[tuple[int, int, int, int, int], ...]):
+    kernel = {"fwd": _rkl_fwd_kernel, "dq": _rkl_bwd_dq_kernel, "dk": _rkl_bwd_dk_kernel}[kernel_name]
+    cfgs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=st)
+            for bn, bm, bc, w, st in configs]
+    # Every launch rewrites all of its outputs (the scratch gradient rows are zeroed inside the kernel),
+    # so benchmarking a config repeatedly is harmless.
+    return triton.autotune(cfgs, key=["N", "S", "NSEG", "CS", "CT"])(kernel)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())  # type: ignore[return-value]
-
-
-def _interpret() -> bool:
-    from fastdistill import _triton
-
-    return _triton.interpret_mode()
 
 
 def relational_kl_fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
@@ -352,19 +390,17 @@ def relational_kl_fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k
     lse_t = _alloc.empty((G1, G2, N, nseg), dtype=torch.float32, device=dev)
     if kl.numel() == 0:
         return kl, lse_s, lse_t
-    BN, BM, BC = _blocks(N, S, max(CS, CT), _interpret())
     dot_s, prec_s = _dot_dtype(q_s.dtype, k_s.dtype)
     dot_t, prec_t = _dot_dtype(q_t.dtype, k_t.dtype)
-    n_row_tiles = triton.cdiv(N, BN)
-    grid = (G1 * G2 * nseg * n_row_tiles,)
     idx = k_index if k_index is not None else q_s  # dummy pointer when unused
-    _rkl_fwd_kernel[grid](
+    kernel = _tuned("fwd", _configs(N, S, max(CS, CT)))
+    grid = lambda meta: (G1 * G2 * nseg * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](
         q_s, k_s, q_t, k_t, idx, kl, lse_s, lse_t,
-        G2, N, S, nseg, CS, CT, n_row_tiles,
+        G2, N, S, nseg, CS, CT,
         *_strides(q_s), *_strides(k_s), *_strides(q_t), *_strides(k_t),
         float(scale_s), float(scale_t),
         HAS_IDX=k_index is not None, DOT_S=dot_s, DOT_T=dot_t, PREC_S=prec_s, PREC_T=prec_t,
-        BLOCK_N=BN, BLOCK_M=BM, BLOCK_C=BC, num_warps=4,
     )
     return kl, lse_s, lse_t
 
@@ -383,21 +419,19 @@ def relational_kl_bwd(dkl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q
     dkl = dkl.to(torch.float32).contiguous()
     wmax = dkl.abs().amax().reshape(1)
     wmax = torch.where(wmax > 0, wmax, torch.ones_like(wmax))
-    BN, BM, BC = _blocks(N, S, max(CS, CT), _interpret())
     dot_s, prec_s = _dot_dtype(q_s.dtype, k_s.dtype)
     dot_t, prec_t = _dot_dtype(q_t.dtype, k_t.dtype)
-    one_chunk = CS <= BC
-    common = dict(DOT_S=dot_s, DOT_T=dot_t, PREC_S=prec_s, PREC_T=prec_t, ONE_CHUNK=one_chunk,
-                  BLOCK_N=BN, BLOCK_M=BM, BLOCK_C=BC, num_warps=4)
+    configs = _configs(N, S, max(CS, CT))
+    common = dict(DOT_S=dot_s, DOT_T=dot_t, PREC_S=prec_s, PREC_T=prec_t)
     strides = (*_strides(q_s), *_strides(k_s), *_strides(q_t), *_strides(k_t))
     dq = dk = None
     if need_dq:
         dq = _alloc.empty((G1, G2, N, CS), dtype=torch.float32, device=dev)
-        n_row_tiles = triton.cdiv(N, BN)
         idx = k_index if k_index is not None else q_s
-        _rkl_bwd_dq_kernel[(G1 * G2 * n_row_tiles,)](
+        grid = lambda meta: (G1 * G2 * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _tuned("dq", configs)[grid](
             q_s, k_s, q_t, k_t, idx, lse_s, lse_t, dkl, wmax, dq,
-            G2, N, S, nseg, CS, CT, n_row_tiles, *strides, float(scale_s), float(scale_t),
+            G2, N, S, nseg, CS, CT, *strides, float(scale_s), float(scale_t),
             HAS_IDX=k_index is not None, **common,
         )
     if need_dk:
@@ -405,9 +439,9 @@ def relational_kl_bwd(dkl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q
             raise ValueError("relational_kl: no gradient flows to keys read through an index (the memory bank)")
         Mk = k_s.shape[2]
         dk = _alloc.empty((G1, G2, Mk, CS), dtype=torch.float32, device=dev)
-        tiles = triton.cdiv(S, BM)
-        _rkl_bwd_dk_kernel[(G1 * G2 * nseg * tiles,)](
+        grid = lambda meta: (G1 * G2 * nseg * triton.cdiv(S, meta["BLOCK_M"]),)  # noqa: E731
+        _tuned("dk", configs)[grid](
             q_s, k_s, q_t, k_t, lse_s, lse_t, dkl, wmax, dk,
-            G2, N, Mk, S, nseg, CS, CT, tiles, *strides, float(scale_s), float(scale_t), **common,
+            G2, N, Mk, S, nseg, CS, CT, *strides, float(scale_s), float(scale_t), **common,
         )
     return dq, dk

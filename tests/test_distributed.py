@@ -28,7 +28,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastdistill
+import fastdistill.nn  # noqa: F401  (not imported by `import fastdistill`)
 from fastdistill import distributed as fdist
+from fastdistill import testing
+
+pytestmark = pytest.mark.distributed
 
 WORLD = 2
 # fp32 everywhere: the DDP and reference paths sum the same terms in a different order
@@ -117,11 +121,15 @@ LossOf = Callable[[torch.Tensor, list[torch.Tensor], Any], torch.Tensor]
 
 
 def _ddp_vs_full_batch(rank: int, world: int, make_model: Callable[[], nn.Module], x_full: torch.Tensor,
-                       extras_full: list[torch.Tensor], loss_of: LossOf) -> dict[str, Any]:
+                       extras_full: list[torch.Tensor], loss_of: LossOf,
+                       sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Gradients of: the single-process full-batch loss (reference), the DDP run with the op's process
-    group (default WORLD), and the DDP run with the no-grad-gather-plus-local-slot mistake."""
-    b = x_full.shape[0] // world
-    sl = slice(rank * b, (rank + 1) * b)
+    group (default WORLD), and the DDP run with the no-grad-gather-plus-local-slot mistake.
+    ``sizes``: per-rank batch sizes (default: equal split); uneven sizes skip the mistake run."""
+    if sizes is None:
+        sizes = (x_full.shape[0] // world,) * world
+    start = sum(sizes[:rank])
+    sl = slice(start, start + sizes[rank])
 
     torch.manual_seed(1234)
     ref_model = make_model()
@@ -132,15 +140,18 @@ def _ddp_vs_full_batch(rank: int, world: int, make_model: Callable[[], nn.Module
     ddp = DDP(make_model())
     loss = loss_of(ddp(x_full[sl]), [e[sl] for e in extras_full], fdist.WORLD)
     loss.backward()
+    out = {"ref_loss": ref_loss.item(), "loss": loss.item(), "ref_grad": _grads(ref_model),
+           "grad": _grads(ddp.module)}
+    if len(set(sizes)) > 1:
+        return out
 
     torch.manual_seed(1234)
     ddp_bad = DDP(make_model())
     feats = _nograd_gather_local_slot(ddp_bad(x_full[sl]))
     bad_loss = loss_of(feats, [_nograd_gather(e[sl]) for e in extras_full], None)
     bad_loss.backward()
-
-    return {"ref_loss": ref_loss.item(), "loss": loss.item(), "bad_loss": bad_loss.item(),
-            "ref_grad": _grads(ref_model), "grad": _grads(ddp.module), "bad_grad": _grads(ddp_bad.module)}
+    out.update(bad_loss=bad_loss.item(), bad_grad=_grads(ddp_bad.module))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,6 +267,24 @@ def _prim_moments(rank: int, world: int) -> dict[str, Any]:
             "dtype32": str(gmean32.dtype)}
 
 
+def _prim_compiled_gather(rank: int, world: int) -> dict[str, Any]:
+    """all_gather_with_grad inside torch.compile(fullgraph=True): functional collectives trace, and the
+    size check (host-side) is skipped while tracing instead of breaking the graph."""
+    def f(x: torch.Tensor) -> torch.Tensor:
+        y = fdist.all_gather_with_grad(x)
+        return (y.softmax(0) * y).sum()
+
+    x = _full_inputs(30 + rank, 3, 4).requires_grad_()
+    out = torch.compile(f, fullgraph=True)(x)
+    out.backward()
+    compiled_grad = x.grad.clone()
+    x.grad = None
+    eager = f(x)
+    eager.backward()
+    return {"compiled": out.item(), "eager": eager.item(), "compiled_grad": compiled_grad.tolist(),
+            "eager_grad": x.grad.tolist()}
+
+
 # --------------------------------------------------------------------------------------------------
 # group 2: every cross-sample loss, DDP gradients vs full-batch gradients
 
@@ -283,16 +312,17 @@ def _loss_primitive_relational(rank: int, world: int) -> dict[str, Any]:
     return _ddp_vs_full_batch(rank, world, _vec_model, x, [teacher], loss_of)
 
 
-def _loss_primitive_moments(rank: int, world: int) -> dict[str, Any]:
+def _primitive_moments_loss(feat: torch.Tensor, extras: list[torch.Tensor], group: Any) -> torch.Tensor:
     """Per-channel batch moments merged with all_reduce_moments (SyncBatchNorm-style statistics)."""
-    def loss_of(feat, extras, group):
-        x = feat.transpose(0, 1).reshape(feat.shape[1], -1)
-        mean = x.mean(1)
-        n, mean, m2 = fdist.all_reduce_moments(x.shape[1], mean, ((x - mean[:, None]) ** 2).sum(1), group)
-        return ((mean - 0.3) ** 2).sum() + ((m2 / n - 1.0) ** 2).sum()
+    x = feat.transpose(0, 1).reshape(feat.shape[1], -1)
+    mean = x.mean(1)
+    n, mean, m2 = fdist.all_reduce_moments(x.shape[1], mean, ((x - mean[:, None]) ** 2).sum(1), group)
+    return ((mean - 0.3) ** 2).sum() + ((m2 / n - 1.0) ** 2).sum()
 
+
+def _loss_primitive_moments(rank: int, world: int) -> dict[str, Any]:
     x = _full_inputs(23, WORLD * B, 3, H, W_)
-    return _ddp_vs_full_batch(rank, world, _map_model, x, [], loss_of)
+    return _ddp_vs_full_batch(rank, world, _map_model, x, [], _primitive_moments_loss)
 
 
 def _loss_relational_kl(rank: int, world: int) -> dict[str, Any]:
@@ -312,6 +342,17 @@ def _loss_fused_rdd(rank: int, world: int) -> dict[str, Any]:
 
     x = _full_inputs(3, WORLD * B, 3, H, W_)
     teacher = _full_inputs(4, WORLD * B, 5, H, W_).relu()
+    return _ddp_vs_full_batch(rank, world, _map_model, x, [teacher], loss_of)
+
+
+def _loss_fused_rdd_bf16(rank: int, world: int) -> dict[str, Any]:
+    """bf16 activations (as under autocast): the gathers carry bf16, the loss accumulates in fp32."""
+    def loss_of(feat, extras, group):
+        return fastdistill.fused_rdd_loss(feat.to(torch.bfloat16), extras[0].to(torch.bfloat16), temperature=0.5,
+                                          pairs="all", process_group=group)
+
+    x = _full_inputs(31, WORLD * B, 3, H, W_)
+    teacher = _full_inputs(32, WORLD * B, 5, H, W_).relu()
     return _ddp_vs_full_batch(rank, world, _map_model, x, [teacher], loss_of)
 
 
@@ -362,6 +403,27 @@ def _loss_segment_mse(rank: int, world: int) -> dict[str, Any]:
     return _ddp_vs_full_batch(rank, world, _map_model, x, [target, t], loss_of)
 
 
+def _loss_segment_mse_uneven(rank: int, world: int) -> dict[str, Any]:
+    """segment_mse all-reduces sums and counts (no gather): uneven per-rank batches are handled."""
+    boundaries = torch.tensor(_BOUNDARIES)
+
+    def loss_of(feat, extras, group):
+        target, t = extras
+        routing = fastdistill.segment_route(t.long(), boundaries)
+        return fastdistill.segment_mse(feat, target, routing, reduction="per_segment", process_group=group).sum()
+
+    x = _full_inputs(10, 6, 3, H, W_)
+    target = _full_inputs(11, 6, C, H, W_)
+    t = torch.tensor(_TIMESTEPS, dtype=torch.float64)
+    return _ddp_vs_full_batch(rank, world, _map_model, x, [target, t], loss_of, sizes=(2, 4))
+
+
+def _loss_primitive_moments_uneven(rank: int, world: int) -> dict[str, Any]:
+    """all_reduce_moments merges uneven per-rank counts: the gradient check holds with batches 2 and 4."""
+    return _ddp_vs_full_batch(rank, world, _map_model, _full_inputs(24, 6, 3, H, W_), [],
+                              _primitive_moments_loss, sizes=(2, 4))
+
+
 class _StudentWithMemoryLoss(nn.Module):
     def __init__(self, group: Any) -> None:
         super().__init__()
@@ -373,17 +435,25 @@ class _StudentWithMemoryLoss(nn.Module):
         return self.memory(self.student(x), teacher)
 
 
-def _memory_run(rank: int, world: int, distributed: bool, steps: int = 4) -> dict[str, Any]:
+def _memory_run(rank: int, world: int, mode: str, steps: int = 4) -> dict[str, Any]:
+    """mode "single": one process, full batch; "student_ddp": DDP around the student only (the queue
+    update under test does not depend on the projection head); "whole_ddp": one DDP around student and
+    loss module, the natural way to also average the projection head's gradients."""
     torch.manual_seed(99)  # same seed on every rank, as the official RDD loop does
-    model = _StudentWithMemoryLoss(fdist.WORLD if distributed else None)
+    model = _StudentWithMemoryLoss(None if mode == "single" else fdist.WORLD)
     # broadcast_buffers=False: DDP must not paper over diverging queues by copying rank 0's buffers
-    net = DDP(model, broadcast_buffers=False) if distributed else model
+    if mode == "whole_ddp":
+        net: nn.Module = DDP(model, broadcast_buffers=False)
+    else:
+        if mode == "student_ddp":
+            model.student = DDP(model.student, broadcast_buffers=False)
+        net = model
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     losses = []
     for step in range(steps):
         x = _full_inputs(100 + step, WORLD * B, 3, H, W_)
         teacher = _full_inputs(200 + step, WORLD * B, C, H, W_).relu()
-        if distributed:
+        if mode != "single":
             x, teacher = x[rank * B:(rank + 1) * B], teacher[rank * B:(rank + 1) * B]
         loss = net(x, teacher)
         opt.zero_grad()
@@ -395,7 +465,11 @@ def _memory_run(rank: int, world: int, distributed: bool, steps: int = 4) -> dic
 
 
 def _loss_memory_p2p(rank: int, world: int) -> dict[str, Any]:
-    return {"ddp": _memory_run(rank, world, True), "single": _memory_run(rank, world, False)}
+    return {"ddp": _memory_run(rank, world, "student_ddp"), "single": _memory_run(rank, world, "single")}
+
+
+def _loss_memory_p2p_whole_ddp(rank: int, world: int) -> dict[str, Any]:
+    return _memory_run(rank, world, "whole_ddp")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,6 +523,43 @@ def _multi_student_ddp(rank: int, world: int) -> dict[str, Any]:
             "params_head": params[:64].tolist()}
 
 
+def _multi_student_fsdp(rank: int, world: int) -> dict[str, Any]:
+    """FSDP2: ONE fully_shard around the MultiStudent (so an idle student's parameters still take part in
+    every rank's all-gather / reduce-scatter), a frozen teacher sharded on its own."""
+    from torch.distributed.fsdp import fully_shard
+
+    n = len(_MS_TIMESTEPS[0])
+    x = _full_inputs(13, world * n, 3, 8, 8)
+    t_full = torch.tensor(sum(_MS_TIMESTEPS, []))
+    sl = slice(rank * n, (rank + 1) * n)
+
+    torch.manual_seed(6)
+    teacher = _tiny_unet().eval().requires_grad_(False)
+    ref = _make_multi_student()
+    with torch.no_grad():
+        ref_target = teacher(x, t_full).sample
+    F.mse_loss(ref(x, t_full).sample, ref_target).backward()
+    ref_grad = _grads(ref)
+
+    fully_shard(teacher)  # frozen and sharded: parameters gathered for its forward only
+    model = _make_multi_student()
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    t_local = torch.tensor(_MS_TIMESTEPS[rank])
+    losses, first_grad = [], None
+    for step in range(3):
+        with torch.no_grad():
+            target = teacher(x[sl], t_local).sample
+        loss = F.mse_loss(model(x[sl], t_local).sample, target)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:  # FSDP's reduce-scatter averages: the full gradient is the full-batch gradient
+            first_grad = torch.cat([p.grad.full_tensor().reshape(-1) for p in model.parameters()]).tolist()
+        opt.step()
+        losses.append(loss.item())
+    return {"losses": losses, "grad": first_grad, "ref_grad": ref_grad}
+
+
 GROUPS: dict[str, list[tuple[str, Callable[[int, int], Any]]]] = {
     "primitives": [
         ("queries", _prim_queries),
@@ -463,12 +574,17 @@ GROUPS: dict[str, list[tuple[str, Callable[[int, int], Any]]]] = {
         ("primitive_moments", _loss_primitive_moments),
         ("relational_kl", _loss_relational_kl),
         ("fused_rdd_loss", _loss_fused_rdd),
+        ("fused_rdd_loss_bf16", _loss_fused_rdd_bf16),
         ("IntraSampleP2PLoss", _loss_intra_sample_p2p),
         ("moment_statistics", _loss_moment_statistics),
         ("segment_mse", _loss_segment_mse),
+        ("segment_mse_uneven", _loss_segment_mse_uneven),
+        ("primitive_moments_uneven", _loss_primitive_moments_uneven),
         ("MemoryP2PLoss", _loss_memory_p2p),
+        ("MemoryP2PLoss_whole_ddp", _loss_memory_p2p_whole_ddp),
     ],
-    "multi_student": [("ddp", _multi_student_ddp)],
+    "compile": [("gather", _prim_compiled_gather)],
+    "multi_student": [("ddp", _multi_student_ddp), ("fsdp", _multi_student_fsdp)],
 }
 
 
@@ -550,6 +666,13 @@ def test_uneven_batches_rejected_without_hang(spawned):
         assert v["after"] == [0.0, 1.0]
 
 
+@pytest.mark.slow
+def test_all_gather_with_grad_under_torch_compile(spawned):
+    for v in _values(spawned("compile"), "gather"):
+        _assert_close(v["compiled"], v["eager"], "compiled gather loss", rtol=1e-5)
+        _assert_close(v["compiled_grad"], v["eager_grad"], "compiled gather gradient", rtol=1e-5)
+
+
 def test_all_reduce_with_grad(spawned):
     for v in _values(spawned("primitives"), "all_reduce"):
         assert v["y"] == [0.0, 3.0, 6.0, 9.0]
@@ -586,13 +709,18 @@ def test_all_reduce_moments_matches_single_process(spawned):
 # tests: every cross-sample loss under DDP
 
 
-LOSSES = ["primitive_relational", "primitive_moments", "relational_kl", "fused_rdd_loss", "IntraSampleP2PLoss", "moment_statistics", "segment_mse"]
+LOSSES = ["primitive_relational", "primitive_moments", "relational_kl", "fused_rdd_loss_bf16", "fused_rdd_loss", "IntraSampleP2PLoss", "moment_statistics", "segment_mse"]
 
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_ddp_gradient_equals_full_batch_gradient(spawned, loss):
     vals = _values(spawned("losses"), loss)
     for r, v in enumerate(vals):
+        if loss.endswith("_bf16"):  # the two runs round differently: max-norm tolerance of the dtype
+            for key in ("loss", "grad"):
+                testing.assert_close(torch.tensor(v[key]).reshape(-1), torch.tensor(v["ref_" + key]).reshape(-1),
+                                     rtol=testing.tolerance(torch.bfloat16), name=f"{loss} rank {r} {key}")
+            continue
         _assert_close(v["loss"], v["ref_loss"], f"{loss}: rank {r} loss vs the full-batch loss")
         _assert_close(v["grad"], v["ref_grad"], f"{loss}: rank {r} DDP gradient vs the full-batch gradient")
     # DDP all-reduced the gradients: identical on both ranks (not just close to the reference)
@@ -602,12 +730,23 @@ def test_ddp_gradient_equals_full_batch_gradient(spawned, loss):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_nograd_gather_mistake_fails_the_same_check(spawned, loss):
     for v in _values(spawned("losses"), loss):
+        rtol = testing.tolerance(torch.bfloat16) if loss.endswith("_bf16") else RTOL
         # the loss value is right ...
-        _assert_close(v["bad_loss"], v["ref_loss"], f"{loss}: mistake loss value")
+        _assert_close(v["bad_loss"], v["ref_loss"], f"{loss}: mistake loss value", rtol=rtol)
         # ... but the gradient is not: the same comparison as above must fail
         assert not _close(v["bad_grad"], v["ref_grad"]), f"{loss}: the mistake went undetected"
         # each rank back-propagates only through its own slot: DDP's mean gives exactly 1/W of the gradient
-        _assert_close([WORLD * g for g in v["bad_grad"]], v["ref_grad"], f"{loss}: mistake = 1/W")
+        _assert_close([WORLD * g for g in v["bad_grad"]], v["ref_grad"], f"{loss}: mistake = 1/W", rtol=rtol,
+                      atol=rtol * max(abs(g) for g in v["ref_grad"]))
+
+
+@pytest.mark.parametrize("loss", ["primitive_moments_uneven", "segment_mse_uneven"])
+def test_uneven_batches_handled_by_reduction_based_losses(spawned, loss):
+    """Losses built on all-reduces (moments, per-segment sums) accept different batch sizes per rank."""
+    vals = _values(spawned("losses"), loss)
+    for r, v in enumerate(vals):
+        _assert_close(v["loss"], v["ref_loss"], f"{loss}: rank {r} loss vs the full-batch loss")
+        _assert_close(v["grad"], v["ref_grad"], f"{loss}: rank {r} DDP gradient vs the full-batch gradient")
 
 
 def test_memory_p2p_queues_identical_across_ranks(spawned):
@@ -623,6 +762,13 @@ def test_memory_p2p_queues_identical_across_ranks(spawned):
     assert all(torch.isfinite(torch.tensor(d["losses"])).all() for d in (ddp0, ddp1))
 
 
+def test_memory_p2p_loss_module_inside_ddp(spawned):
+    """One DDP around student + MemoryP2PLoss (its projection head has parameters to average), on CPU."""
+    vals = _values(spawned("losses"), "MemoryP2PLoss_whole_ddp")
+    assert vals[0]["queue"] == vals[1]["queue"] and vals[0]["ptr"] == vals[1]["ptr"]
+    assert all(torch.isfinite(torch.tensor(v["losses"])).all() for v in vals)
+
+
 def test_multi_student_ddp_with_idle_student(spawned):
     vals = _values(spawned("multi_student"), "ddp")
     for r, v in enumerate(vals):
@@ -631,3 +777,9 @@ def test_multi_student_ddp_with_idle_student(spawned):
         _assert_close(v["grad"], v["ref_grad"], f"MultiStudent rank {r} DDP gradient vs full batch")
     assert vals[0]["params_head"] == vals[1]["params_head"]
     assert vals[0]["param_sum"] == vals[1]["param_sum"] and vals[0]["param_abs"] == vals[1]["param_abs"]
+
+
+def test_multi_student_fsdp_with_idle_student_and_sharded_teacher(spawned):
+    for r, v in enumerate(_values(spawned("multi_student"), "fsdp")):
+        assert len(v["losses"]) == 3 and all(torch.isfinite(torch.tensor(v["losses"])))
+        _assert_close(v["grad"], v["ref_grad"], f"MultiStudent rank {r} FSDP gradient vs full batch")

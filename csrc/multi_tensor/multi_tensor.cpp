@@ -1,5 +1,5 @@
 // Multi-tensor parameter ops: schemas and the C++ CPU kernels (the `cpp` backend). The CUDA kernels
-// are in multi_tensor.cu; fake kernels, autograd and input validation in
+// are in multi_tensor_cuda.cu; fake kernels, autograd and input validation in
 // fastdistill/ops/multi_tensor.py. Element formulas: multi_tensor.h.
 //
 // Lists may mix dtypes freely (bf16 / fp16 / fp32 / fp64 per tensor, e.g. bf16 parameters with
@@ -248,4 +248,4 @@ TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
   m.impl("clip_parameters_", &fastdistill::multi_tensor::clip_parameters_cpu);
 }
 
-// The CUDA kernels register themselves in multi_tensor.cu.
+// The CUDA kernels register themselves in multi_tensor_cuda.cu.

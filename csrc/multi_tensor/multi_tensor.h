@@ -1,5 +1,5 @@
 // Multi-tensor parameter ops shared by the C++ CPU kernels (multi_tensor.cpp) and the CUDA kernels
-// (multi_tensor.cu):
+// (multi_tensor_cuda.cu):
 //
 //   moment_dot               sum_i a_i * b_i / (sqrt(v_i) + eps) over lists of tensors (v absent: a_i * b_i)
 //   preconditioned_perturb_  theta_i -= step * g_i / (sqrt(v_i) + eps) in place (v absent: step * g_i)

@@ -2,7 +2,8 @@
 // kernels in routing.cu (built only with FASTDISTILL_WITH_CUDA).
 #pragma once
 
-#include <torch/extension.h>
+// ATen only (not torch/extension.h, which pulls in Python and pybind11): keeps nvcc's host pass short.
+#include <ATen/ATen.h>
 
 #include <tuple>
 #include <vector>

@@ -33,7 +33,7 @@ class TeacherConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"
-    train_steps: int = 1200
+    train_steps: int = 600
     batch_size: int = 64
     lr: float = 2e-3
     seed: int = 0

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="fastdistill-demo", help="output folder (also holds the teacher cache)")
     p.add_argument("--teacher-steps", type=int, default=None,
                    help="train the teacher in this run for this many steps (cached under --out); "
-                        "default: use the teacher shipped with fastdistill (1200 steps)")
+                        "default: use the teacher shipped with fastdistill (600 steps)")
     p.add_argument("--retrain-teacher", action="store_true", help="ignore and overwrite the cached teacher")
     p.add_argument("--num-samples", type=int, default=12, help="images per row of the sample grid")
     p.add_argument("--seed", type=int, default=0)

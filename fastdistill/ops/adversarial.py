@@ -105,7 +105,7 @@ def gan_interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None, *,
         x, a = _interp_triton(_as_rows(real), _as_rows(fake),
                               alpha.detach().float().contiguous() if alpha is not None else None,
                               _draw_seed(generator) if alpha is None else 0)
-        return x.reshape(real.shape), a
+        return x.reshape(real.shape), a.detach()  # the weights are sampled constants, not differentiable
     if alpha is None:
         dev = generator.device if generator is not None else device
         alpha = torch.rand(B, generator=generator, device=dev).to(device)

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from .. import dispatch
 from .._validation import check_choice, check_same_device, check_same_shape, check_tensor
-from .diffusion_steps import (PREDICTION_TYPES, _PRED_CODE, _as_rows, check_batched, check_positive_values,
-                              compiling, compute_dtype, per_sample, reject_float64_on_triton)
+from .diffusion_steps import (PREDICTION_TYPES, _PRED_CODE, _as_rows, check_batched, compute_dtype, not_positive,
+                              per_sample, raise_on_bad_values, reject_float64_on_triton)
 
 dispatch.register_op("boot_loss", ["triton"])
 
@@ -148,14 +148,12 @@ def boot_loss(y_s: Tensor, y_t: Tensor, teacher_output: Tensor, *, x_t: Tensor |
                        (("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_s", alpha_s), ("sigma_s", sigma_s)))
     w = per_sample(op, "weight", 1.0 if weight is None else weight, B, device)
     gs = per_sample(op, "guidance_scale", 1.0 if guidance_scale is None else guidance_scale, B, device)
-    check_positive_values(op, "alpha_t", at)
-    check_positive_values(op, "sigma_t", st)
-    check_positive_values(op, "alpha_s", as_)
-    if not compiling():
-        delta = boot_delta(at.double(), st.double(), as_.double(), ss.double())
-        if bool((delta.abs() < 1e-7).any()):
-            raise ValueError(f"{op}: delta = 1 - (sigma_s alpha_t)/(alpha_s sigma_t) is 0 for some sample "
-                             f"(s == t): the loss divides by delta^2; use two different times")
+    raise_on_bad_values(op, device, [
+        not_positive("alpha_t", at), not_positive("sigma_t", st), not_positive("alpha_s", as_),
+        (lambda: (boot_delta(at.double(), st.double(), as_.double(), ss.double()).abs() < 1e-6).any(),
+         lambda: "delta = 1 - (sigma_s alpha_t)/(alpha_s sigma_t) is 0 for some sample (s == t): the loss divides "
+                 "by delta^2; use two different times"),
+    ])
     backend = dispatch.select_backend(op, y_s, y_t, teacher_output, x_t, teacher_output_uncond)
     if backend == "triton":
         reject_float64_on_triton(op, y_s, y_t, teacher_output, x_t, teacher_output_uncond)

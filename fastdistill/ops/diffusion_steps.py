@@ -18,7 +18,8 @@ Triton backend registered as a ``torch.library`` custom op (fake kernel + autogr
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import os
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -89,9 +90,40 @@ def bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape((v.shape[0],) + (1,) * (like.dim() - 1))
 
 
-def check_positive_values(op: str, name: str, v: Tensor) -> None:
-    if not compiling() and not bool((v > 0).all()):
-        raise ValueError(f"{op}: {name} must be > 0 for every sample, got min {v.min().item():.6g}")
+def value_checks_enabled(device: torch.device) -> bool:
+    """Whether to check input *values* (timestep ranges, positive scales, s != t).
+
+    Those checks read device memory. On CPU they are free and always on. On CUDA they cost one host
+    sync per call (all of an op's checks are batched into one copy); ``FASTDISTILL_VALUE_CHECKS=0``
+    turns them off there. They are skipped while torch.compile traces.
+    """
+    if compiling():
+        return False
+    if device.type == "cpu":
+        return True
+    return os.environ.get("FASTDISTILL_VALUE_CHECKS", "1").strip() != "0"
+
+
+Check = tuple[Callable[[], Tensor], Callable[[], str]]
+
+
+def raise_on_bad_values(op: str, device: torch.device, checks: list[Check]) -> None:
+    """``checks``: (builder of a 0-d bool tensor, True when the input is bad; message builder) pairs.
+
+    Nothing is computed when value checks are off; otherwise one device-to-host copy for all of
+    them, and the messages are built only on failure.
+    """
+    if not checks or not value_checks_enabled(device):
+        return
+    bad = torch.stack([flag().reshape(()) for flag, _ in checks]).cpu()
+    for (_, message), is_bad in zip(checks, bad.tolist()):
+        if is_bad:
+            raise ValueError(f"{op}: {message()}")
+
+
+def not_positive(name: str, v: Tensor) -> Check:
+    """A check for :func:`raise_on_bad_values`: every value of ``v`` must be > 0."""
+    return lambda: ~(v > 0).all(), lambda: f"{name} must be > 0 for every sample, got min {v.min().item():.6g}"
 
 
 def reject_float64_on_triton(op: str, *tensors: Tensor) -> None:
@@ -155,16 +187,14 @@ def _timesteps(op: str, name: str, value: Any, batch: int, device: torch.device)
 
 
 def _check_timestep_range(op: str, t: Tensor, p: Tensor, n: int) -> None:
-    if compiling():
-        return
-    lo, hi = int(t.min()), int(t.max())
-    if lo < 0 or hi >= n:
-        raise ValueError(f"{op}: timesteps must lie in [0, {n - 1}] (the range of alphas_cumprod, length {n}); "
-                         f"got values in [{lo}, {hi}]")
-    hi_p = int(p.max())
-    if hi_p >= n:
-        raise ValueError(f"{op}: prev_timesteps must be < {n} (the length of alphas_cumprod; negative values "
-                         f"mean final_alpha_cumprod); got max {hi_p}")
+    raise_on_bad_values(op, t.device, [
+        (lambda: (t < 0).any() | (t >= n).any(),
+         lambda: f"timesteps must lie in [0, {n - 1}] (the range of alphas_cumprod, length {n}); got values in "
+                 f"[{int(t.min())}, {int(t.max())}]"),
+        (lambda: (p >= n).any(),
+         lambda: f"prev_timesteps must be < {n} (the length of alphas_cumprod; negative values mean "
+                 f"final_alpha_cumprod); got max {int(p.max())}"),
+    ])
 
 
 def ddim_step_reference(x_t: Tensor, model_output: Tensor, timesteps: Tensor, prev_timesteps: Tensor,
@@ -387,12 +417,16 @@ def progressive_distillation_target(z_t: Tensor, z_target: Tensor, alpha_t: Tens
     B = z_t.shape[0]
     at, st, as_, ss = (per_sample(op, n, v, B, device) for n, v in
                        (("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_s", alpha_s), ("sigma_s", sigma_s)))
-    check_positive_values(op, "sigma_t", st)
-    if not compiling():
+    def same_time() -> Tensor:
         den = (as_.double() * st.double() - ss.double() * at.double()).abs()
-        if bool((den <= 1e-12 * (as_.double().abs() * st.double()).clamp(min=1e-30)).any()):
-            raise ValueError(f"{op}: alpha_s*sigma_t == sigma_s*alpha_t for some sample, i.e. s == t: the target "
-                             f"is undefined (the two times must differ)")
+        return (den <= 1e-6 * (as_.double().abs() * st.double())).any()
+
+    raise_on_bad_values(op, device, [
+        not_positive("sigma_t", st),
+        (same_time,
+         lambda: "alpha_s*sigma_t == sigma_s*alpha_t for some sample, i.e. s == t: the target is undefined "
+                 "(the two times must differ)"),
+    ])
     backend = dispatch.select_backend(op, z_t, z_target)
     if backend == "triton":
         reject_float64_on_triton(op, z_t, z_target)
@@ -484,7 +518,7 @@ def pd_loss(x_student: Tensor, x_target: Tensor, eps_target: Tensor, z_t: Tensor
     B = x_student.shape[0]
     a = per_sample(op, "alpha_t", alpha_t, B, device)
     s = per_sample(op, "sigma_t", sigma_t, B, device)
-    check_positive_values(op, "sigma_t", s)
+    raise_on_bad_values(op, device, [not_positive("sigma_t", s)])
     backend = dispatch.select_backend(op, x_student, x_target, eps_target, z_t)
     if backend == "triton":
         reject_float64_on_triton(op, x_student, x_target, eps_target, z_t)

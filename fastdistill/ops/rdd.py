@@ -1,0 +1,177 @@
+"""Relational Diffusion Distillation (RDD, Feng et al., arXiv 2410.07679) losses on feature maps.
+
+* :func:`fused_rdd_loss`: the intra-sample pixel-to-pixel term (official ``Intra_sample_p2p_loss``;
+  despite the name it is cross-sample: all ordered sample pairs, softmax over the key sample's pixels).
+* :func:`memory_p2p_loss`: the memory term (official ``Memory_p2p_loss`` loss part) against bank rows,
+  read through an index inside the kernel (no copy of the contrast set).
+* :func:`rcfd_loss`: RCFD's classifier-logit KL as RDD's ``diffusion.py`` computes it.
+
+The relational terms run on the shared relational-KL core (:mod:`fastdistill.ops.relational_kl`), so
+the ``(B*P) x (B*P)`` and ``(B*P) x M`` similarity matrices are never formed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import dispatch
+from .._validation import check_choice, check_positive, check_same_device, check_tensor
+from .relational_kl import WORLD, gather_rows, l2_normalize, relational_kl_core
+
+dispatch.register_op("fused_rdd_loss", ["triton"])
+dispatch.register_op("memory_p2p_loss", ["triton"])
+# Row-wise softmax KL on (B, K) logits: a few elementwise kernels that torch.compile fuses; no fast backend.
+dispatch.register_op("rcfd_loss", [])
+
+
+def _check_maps(op: str, student: object, teacher: object, *, same_channels: bool = False) -> None:
+    check_tensor(op, "student", student, ndim=4)
+    check_tensor(op, "teacher", teacher, ndim=4)
+    check_same_device(op, student=student, teacher=teacher)
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"{op}: student and teacher must have the same batch size B; got {student.shape[0]} "
+                         f"and {teacher.shape[0]}")
+    if student.shape[2:] != teacher.shape[2:]:
+        raise ValueError(f"{op}: student and teacher must have the same spatial size (H, W); got "
+                         f"{tuple(student.shape[2:])} and {tuple(teacher.shape[2:])}")
+    if same_channels and student.shape[1] != teacher.shape[1]:
+        raise ValueError(f"{op}: student and teacher must have the same channel count C (project the student "
+                         f"first); got {student.shape[1]} and {teacher.shape[1]}")
+    if student.numel() == 0 or teacher.numel() == 0:
+        raise ValueError(f"{op}: empty feature maps: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}")
+
+
+def pixels(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> L2-normalised pixel rows (B*H*W, C), channels contiguous (one copy, none for
+    channels_last input)."""
+    B, C = x.shape[:2]
+    return l2_normalize(x.permute(0, 2, 3, 1).reshape(B * x.shape[2] * x.shape[3], C))
+
+
+def fused_rdd_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0,
+                   pairs: str = "all", process_group=WORLD) -> torch.Tensor:
+    """RDD's pixel-to-pixel relational KL (official ``Intra_sample_p2p_loss`` without its ``factor``).
+
+    Both maps are L2-normalised per pixel over channels. For every ordered sample pair ``(b, d)``
+    (including ``b = d``) and query pixel ``i`` of ``b``:
+    ``KL(softmax_j(<t_bi, t_dj> / tau) || softmax_j(<s_bi, s_dj> / tau))`` over the ``P = H*W`` pixels
+    ``j`` of ``d``; the loss is the sum divided by ``B*B*P`` (``kl_div(..., "batchmean")`` over the
+    ``B*B*P`` rows of the official einsum).
+
+    Args:
+        student: student features ``(B, C_s, H, W)`` (fp32/fp16/bf16, any layout). Receives the gradient
+            (as query and as key).
+        teacher: teacher features ``(B, C_t, H, W)``; ``C_t`` may differ from ``C_s``. No gradient.
+        temperature: ``tau`` (> 0), the official ``temperature``.
+        pairs: ``"all"`` (official; every ``(b, d)``) or ``"intra"`` (only ``b = d``, the official
+            ``IntraImageMiniBatch``: sum / ``(B*P)``).
+        process_group: ``"world"`` (default), a ProcessGroup or ``None``; with an active group the maps
+            are all-gathered over ranks (autograd-aware) and the global-batch loss is returned.
+
+    Returns:
+        fp32 scalar.
+    """
+    op = "fused_rdd_loss"
+    _check_maps(op, student, teacher)
+    check_positive(op, "temperature", temperature)
+    check_choice(op, "pairs", pairs, ("all", "intra"))
+    student, teacher = gather_rows([student, teacher.detach()], process_group, op)
+    backend = dispatch.select_backend(op, student, teacher)
+    B, _, H, W = student.shape
+    P = H * W
+    s, t = pixels(student), pixels(teacher)
+    scale = 1.0 / float(temperature)
+    if pairs == "all":
+        s4, t4 = s.view(1, 1, B * P, -1), t.view(1, 1, B * P, -1)
+    else:
+        s4, t4 = s.view(B, 1, P, -1), t.view(B, 1, P, -1)
+    kl = relational_kl_core(s4, s4, t4, t4, scale_s=scale, scale_t=scale, segment_size=P, backend=backend)
+    return kl.mean()
+
+
+def memory_p2p_loss(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Tensor, *,
+                    index: torch.Tensor | None = None, temperature: float = 0.1, kd_temperature: float = 1.0,
+                    check_index: bool = True) -> torch.Tensor:
+    """RDD's memory pixel-to-pixel term (official ``Memory_p2p_loss`` after projection and enqueue).
+
+    Student and teacher maps are L2-normalised per pixel; each pixel ``(b, i)`` is compared with the
+    contrast rows ``r_m`` (``bank[index]``, or all of ``bank``):
+    ``u_X = <x_bi, r_m> / temperature``, and the loss is
+    ``kd_temperature**2 * sum_{b,i} KL(softmax_m(u_T / kd_temperature) || softmax_m(u_S / kd_temperature)) / (B*P)``
+    (official: ``kl_div(..., "batchmean") * tau_kd**2 / P``).
+
+    Args:
+        student: projected student features ``(B, C, H, W)``. Receives the gradient.
+        teacher: teacher features ``(B, C, H, W)``. No gradient.
+        bank: memory rows ``(M, C)`` (already L2-normalised, as the official queue). No gradient; read
+            in place.
+        index: optional integer ``(K,)`` rows of ``bank`` forming the contrast set (official: 4096
+            evenly spaced rows); read through the index inside the kernel, never copied. Values must lie
+            in ``[0, M)``.
+        temperature: ``contrast_temperature`` (> 0).
+        kd_temperature: ``contrast_kd_temperature`` (> 0).
+        check_index: verify the index range (one host sync); pass False for an index known to be valid.
+
+    Returns:
+        fp32 scalar (without the official ``factor``).
+    """
+    op = "memory_p2p_loss"
+    _check_maps(op, student, teacher, same_channels=True)
+    check_tensor(op, "bank", bank, ndim=2)
+    check_same_device(op, student=student, teacher=teacher, bank=bank, index=index)
+    if bank.shape[1] != student.shape[1]:
+        raise ValueError(f"{op}: bank rows must have the features' channel count {student.shape[1]}; got bank "
+                         f"{tuple(bank.shape)}")
+    if bank.shape[0] == 0:
+        raise ValueError(f"{op}: bank is empty")
+    check_positive(op, "temperature", temperature)
+    check_positive(op, "kd_temperature", kd_temperature)
+    if index is not None:
+        check_tensor(op, "index", index, ndim=1, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8))
+        if index.numel() == 0:
+            raise ValueError(f"{op}: index is empty")
+        if check_index and not torch.compiler.is_compiling():
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= bank.shape[0]:
+                raise ValueError(f"{op}: index values must lie in [0, {bank.shape[0]}); got range [{lo}, {hi}]")
+        index = index.to(torch.int64).contiguous()
+    backend = dispatch.select_backend(op, student, teacher, bank)
+    s, t = pixels(student), pixels(teacher.detach())
+    bank4 = bank.detach().unsqueeze(0).unsqueeze(0)
+    scale = 1.0 / (float(temperature) * float(kd_temperature))
+    kl = relational_kl_core(s.unsqueeze(0).unsqueeze(0), bank4, t.unsqueeze(0).unsqueeze(0), bank4,
+                            scale_s=scale, scale_t=scale, segment_size=index.shape[0] if index is not None
+                            else bank.shape[0], backend=backend, k_index=index)
+    return kl.mean() * float(kd_temperature) ** 2
+
+
+def rcfd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 0.9
+              ) -> torch.Tensor:
+    """RCFD term as RDD's ``diffusion.py`` computes it: ``KL(softmax(z_T / tau) || softmax(z_S))``,
+    batchmean (only the teacher is divided by ``tau``).
+
+    Args:
+        student_logits: ``(B, K)`` classifier features of the student sample. Receives the gradient.
+        teacher_logits: ``(B, K)`` of the teacher target. No gradient.
+        temperature: ``tau`` (> 0), RDD's ``--temperature`` (0.9 for DenseNet201).
+
+    Returns:
+        fp32 scalar. Computed in fp32 with plain PyTorch (a row softmax: memory-bound, fused by
+        torch.compile); the ``reference`` backend is its only one.
+    """
+    op = "rcfd_loss"
+    check_tensor(op, "student_logits", student_logits, ndim=2)
+    check_tensor(op, "teacher_logits", teacher_logits, ndim=2)
+    check_same_device(op, student_logits=student_logits, teacher_logits=teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"{op}: student_logits and teacher_logits must have the same shape; got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if student_logits.numel() == 0:
+        raise ValueError(f"{op}: empty logits {tuple(student_logits.shape)}")
+    check_positive(op, "temperature", temperature)
+    dispatch.select_backend(op, student_logits, teacher_logits)
+    dt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    log_p_s = F.log_softmax(student_logits.to(dt), dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().to(dt) / float(temperature), dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum() / student_logits.shape[0]
