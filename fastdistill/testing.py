@@ -168,8 +168,10 @@ def check_against_reference(
     grad_rtol = rtol if grad_rtol is None else grad_rtol
     leaves = _grad_leaves((args, kwargs))
 
-    ctx = dispatch.use_backend(backend) if backend is not None else _nullcontext()
-    with ctx, poison_outputs():
+    def forced():  # a fresh context each time: a generator-based context manager enters only once
+        return dispatch.use_backend(backend) if backend is not None else _nullcontext()
+
+    with forced(), poison_outputs():
         out = fn(*args, **kwargs)
     outs = _flat_outputs(out)
 
@@ -195,7 +197,7 @@ def check_against_reference(
             raise AssertionError("inputs require grad but no output does")
         gen = generator("cpu")
         upstream = [torch.rand(o.shape, generator=gen, dtype=torch.float64) + 0.5 for _, o, _ in diff]
-        with ctx:
+        with forced():
             got = torch.autograd.grad([o for _, o, _ in diff], leaves,
                                       [u.to(o.dtype).to(o.device) for u, (_, o, _) in zip(upstream, diff)],
                                       allow_unused=True)

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from fastdistill import _alloc
 
-from .diffusion_steps import BLOCK, FINISH_BLOCK_B, FINISH_BLOCK_C, NUM_WARPS, _row_sums, n_chunks
+from .diffusion_steps import BLOCK, FINISH_BLOCK_B, FINISH_BLOCK_C, NUM_WARPS, _row_sums, grid, n_chunks
 
 LOSS_BLOCK = 1024
 
@@ -69,7 +69,7 @@ def interp_fwd(real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor | Non
     B, D = real.shape
     out = _alloc.empty((B, D), dtype=out_dtype, device=real.device)
     alpha_out = _alloc.empty((B,), dtype=torch.float32, device=real.device)
-    _interp_fwd_kernel[(n_chunks(D), B)](real, fake, out, alpha if alpha is not None else alpha_out, alpha_out, seed,
+    _interp_fwd_kernel[grid(B, D)](real, fake, out, alpha if alpha is not None else alpha_out, alpha_out, seed,
                                          D, USE_RNG=alpha is None, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out, alpha_out
 
@@ -79,7 +79,7 @@ def interp_bwd(g: torch.Tensor, alpha: torch.Tensor, r_dtype: torch.dtype, f_dty
     B, D = g.shape
     gr = _alloc.empty((B, D), dtype=r_dtype, device=g.device)
     gf = _alloc.empty((B, D), dtype=f_dtype, device=g.device)
-    _interp_bwd_kernel[(n_chunks(D), B)](g, alpha, gr, gf, D, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _interp_bwd_kernel[grid(B, D)](g, alpha, gr, gf, D, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return gr, gf
 
 
@@ -127,7 +127,7 @@ def gp_fwd(g: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     part = _alloc.empty((B, nc), dtype=torch.float32, device=g.device)
     norms = _alloc.empty((B,), dtype=torch.float32, device=g.device)
     loss = _alloc.empty((), dtype=torch.float32, device=g.device)
-    _sumsq_partial_kernel[(nc, B)](g, part, D, nc, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _sumsq_partial_kernel[grid(B, D)](g, part, D, nc, BLOCK=BLOCK, num_warps=NUM_WARPS)
     _gp_finish_kernel[(1,)](part, norms, loss, B, nc, weight / B, BLOCK_B=FINISH_BLOCK_B, BLOCK_C=FINISH_BLOCK_C,
                             num_warps=4)
     return loss, norms
@@ -136,7 +136,7 @@ def gp_fwd(g: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
 def gp_bwd(go: torch.Tensor, g: torch.Tensor, norms: torch.Tensor, weight: float) -> torch.Tensor:
     B, D = g.shape
     out = _alloc.empty((B, D), dtype=g.dtype, device=g.device)
-    _gp_bwd_kernel[(n_chunks(D), B)](go, g, norms, out, D, 2.0 * weight / B, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _gp_bwd_kernel[grid(B, D)](go, g, norms, out, D, 2.0 * weight / B, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
 

@@ -18,6 +18,9 @@ each with its own dot products and accumulators; the few columns past the real h
 loads (zeros), never copies. That costs 48/40 = 1.2x the matmul work for d=40, 80/80 + 16/80 =
 1.2x for 80 and 1.0x for 160's 128+32, instead of 1.6x for padding to the next power of two.
 
+The head dim ``D`` is a compile-time constant, so when it is a power of two the column masks fold
+away and loads stay unpredicated along the contiguous dim.
+
 Layouts: every tensor is addressed through its (batch, head, row, dim) strides, so "bhld" and
 "blhd" inputs, and broadcast masks (stride 0), are read in place. Lengths Lq and Lk are arbitrary
 (tails masked). The additive mask is read per tile; its gradient is not computed.
@@ -77,7 +80,7 @@ def _attn_fwd(
     svb, svh, svn, svd,
     sob, soh, som, sod,
     smb, smh, smm, smn,
-    H, Lq, Lk, D, qk_scale,
+    H, Lq, Lk, D: tl.constexpr, qk_scale,
     HAS_BIAS: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
 ):
@@ -158,7 +161,7 @@ def _attn_bwd_preprocess(
     Out, dO, Delta,
     sob, soh, som, sod,
     sdb, sdh, sdm, sdd,
-    H, Lq, D,
+    H, Lq, D: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -191,7 +194,7 @@ def _attn_bwd_dkdv(
     smb, smh, smm, smn,
     sdb, sdh, sdm, sdd,
     sgb, sgh, sgn, sgd,
-    H, Lq, Lk, D, qk_scale, sm_scale,
+    H, Lq, Lk, D: tl.constexpr, qk_scale, sm_scale,
     HAS_BIAS: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
 ):
@@ -282,7 +285,7 @@ def _attn_bwd_dq(
     smb, smh, smm, smn,
     sdb, sdh, sdm, sdd,
     sgb, sgh, sgm, sgd,
-    H, Lq, Lk, D, qk_scale, sm_scale,
+    H, Lq, Lk, D: tl.constexpr, qk_scale, sm_scale,
     HAS_BIAS: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
 ):

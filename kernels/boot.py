@@ -12,8 +12,9 @@ fp32 inside the kernel avoids both the precision loss of bf16 arithmetic and the
 
 Forward: one program per (D-chunk, sample) writes the partial sum of squares; one small program
 reduces the (B, n_chunks) partials with the per-sample weights (deterministic, no atomics).
-Backward: d loss / d y_s = g * 2 w_b (y_s - target) / (delta_b^2 B D), target recomputed (nothing
-full-size is saved). No validation or dispatch here: call :func:`fastdistill.boot_loss`.
+The gradient d loss / d y_s = 2 w_b (y_s - target) / (delta_b^2 B D) needs no reduction result, so
+when y_s requires grad the forward writes it too (one extra write instead of re-reading five inputs);
+the backward only multiplies it by the upstream gradient. No validation or dispatch here: call :func:`fastdistill.boot_loss`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import triton.language as tl
 
 from fastdistill import _alloc
 
-from .diffusion_steps import BLOCK, FINISH_BLOCK_B, FINISH_BLOCK_C, NUM_WARPS, _row_sums, n_chunks
+from .diffusion_steps import BLOCK, FINISH_BLOCK_B, FINISH_BLOCK_C, NUM_WARPS, _row_sums, grid, n_chunks
 
 
 @triton.jit
@@ -61,17 +62,22 @@ def _boot_diff(ys_ptr, yt_ptr, f_ptr, fu_ptr, xt_ptr, gs_ptr, at_ptr, st_ptr, as
 
 
 @triton.jit
-def _boot_partial_kernel(ys_ptr, yt_ptr, f_ptr, fu_ptr, xt_ptr, gs_ptr, at_ptr, st_ptr, as_ptr, ss_ptr,
-                         part_ptr, D, NCHUNK, PRED: tl.constexpr, HAS_UNCOND: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _boot_partial_kernel(ys_ptr, yt_ptr, f_ptr, fu_ptr, xt_ptr, gs_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, w_ptr,
+                         part_ptr, grad_ptr, D, NCHUNK, two_inv_n, PRED: tl.constexpr, HAS_UNCOND: tl.constexpr,
+                         WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     pid_d = tl.program_id(0)
     b = tl.program_id(1)
     cols = pid_d * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
     offs = b.to(tl.int64) * D + cols
-    d, _ = _boot_diff(ys_ptr, yt_ptr, f_ptr, fu_ptr, xt_ptr, gs_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, b, offs,
-                      mask, PRED, HAS_UNCOND)
+    d, delta = _boot_diff(ys_ptr, yt_ptr, f_ptr, fu_ptr, xt_ptr, gs_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, b, offs,
+                          mask, PRED, HAS_UNCOND)
     tl.store(part_ptr + b.to(tl.int64) * NCHUNK + pid_d, tl.sum(d * d, axis=0))
+    if WRITE_GRAD:
+        # d loss / d y_s needs no reduction result: write it now, while the inputs are in registers,
+        # instead of re-reading all five inputs in the backward (8 N instead of 11 N bytes in all).
+        scale = two_inv_n * tl.load(w_ptr + b) / (delta * delta)
+        tl.store(grad_ptr + offs, (d * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -93,41 +99,41 @@ def _boot_finish_kernel(part_ptr, w_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, loss_pt
 
 
 @triton.jit
-def _boot_bwd_kernel(go_ptr, ys_ptr, yt_ptr, f_ptr, fu_ptr, xt_ptr, gs_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, w_ptr,
-                     gys_ptr, D, two_inv_n, PRED: tl.constexpr, HAS_UNCOND: tl.constexpr, BLOCK: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
-    cols = pid_d * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < D
-    offs = b.to(tl.int64) * D + cols
-    d, delta = _boot_diff(ys_ptr, yt_ptr, f_ptr, fu_ptr, xt_ptr, gs_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, b, offs,
-                          mask, PRED, HAS_UNCOND)
-    scale = tl.load(go_ptr).to(tl.float32) * two_inv_n * tl.load(w_ptr + b) / (delta * delta)
-    tl.store(gys_ptr + offs, (d * scale).to(gys_ptr.dtype.element_ty), mask=mask)
+def _scale_kernel(go_ptr, g_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    """Backward: the gradient written by the forward times the upstream scalar gradient."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (g * tl.load(go_ptr).to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def boot_loss_fwd(ys: torch.Tensor, yt: torch.Tensor, f: torch.Tensor, fu: torch.Tensor | None,
                   xt: torch.Tensor | None, gs: torch.Tensor, at: torch.Tensor, st: torch.Tensor, as_: torch.Tensor,
-                  ss: torch.Tensor, w: torch.Tensor, pred: int) -> torch.Tensor:
-    """All full-size tensors (B, D) contiguous; coefficients (B,) fp32. Returns the fp32 0-d loss."""
+                  ss: torch.Tensor, w: torch.Tensor, pred: int, need_grad: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """All full-size tensors (B, D) contiguous; coefficients (B,) fp32.
+
+    Returns the fp32 0-d loss and, when ``need_grad``, d loss / d y_s for an upstream gradient of 1
+    (in y_s's dtype; an empty tensor otherwise).
+    """
     B, D = ys.shape
     nc = n_chunks(D)
     part = _alloc.empty((B, nc), dtype=torch.float32, device=ys.device)
     loss = _alloc.empty((), dtype=torch.float32, device=ys.device)
-    _boot_partial_kernel[(nc, B)](ys, yt, f, fu if fu is not None else f, xt if xt is not None else f, gs,
-                                  at, st, as_, ss, part, D, nc, PRED=pred, HAS_UNCOND=fu is not None,
-                                  BLOCK=BLOCK, num_warps=NUM_WARPS)
+    grad = _alloc.empty((B, D) if need_grad else (0,), dtype=ys.dtype, device=ys.device)
+    _boot_partial_kernel[grid(B, D)](ys, yt, f, fu if fu is not None else f, xt if xt is not None else f, gs,
+                                  at, st, as_, ss, w, part, grad if need_grad else part, D, nc, 2.0 / (B * D),
+                                  PRED=pred, HAS_UNCOND=fu is not None, WRITE_GRAD=need_grad, BLOCK=BLOCK,
+                                  num_warps=NUM_WARPS)
     _boot_finish_kernel[(1,)](part, w, at, st, as_, ss, loss, B, nc, 1.0 / (B * D), BLOCK_B=FINISH_BLOCK_B,
                               BLOCK_C=FINISH_BLOCK_C, num_warps=4)
-    return loss
+    return loss, grad
 
 
-def boot_loss_bwd(go: torch.Tensor, ys: torch.Tensor, yt: torch.Tensor, f: torch.Tensor, fu: torch.Tensor | None,
-                  xt: torch.Tensor | None, gs: torch.Tensor, at: torch.Tensor, st: torch.Tensor, as_: torch.Tensor,
-                  ss: torch.Tensor, w: torch.Tensor, pred: int) -> torch.Tensor:
-    B, D = ys.shape
-    gys = _alloc.empty((B, D), dtype=ys.dtype, device=ys.device)
-    _boot_bwd_kernel[(n_chunks(D), B)](go, ys, yt, f, fu if fu is not None else f, xt if xt is not None else f, gs,
-                                       at, st, as_, ss, w, gys, D, 2.0 / (B * D), PRED=pred,
-                                       HAS_UNCOND=fu is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return gys
+def scale_grad(go: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad * go`` (go a 0-d tensor), computed in fp32."""
+    out = _alloc.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    n = grad.numel()
+    if n:
+        _scale_kernel[(triton.cdiv(n, BLOCK),)](go, grad, out, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out

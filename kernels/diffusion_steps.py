@@ -30,8 +30,19 @@ FINISH_BLOCK_C = 64
 # prediction types are passed as the constexpr PRED: 0 epsilon, 1 sample, 2 v_prediction
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension, which indexes the sample
+
+
 def n_chunks(d: int) -> int:
     return triton.cdiv(d, BLOCK)
+
+
+def grid(b: int, d: int) -> tuple[int, int]:
+    """(D-chunks, samples) launch grid of the per-sample kernels."""
+    if b > MAX_GRID_Y:
+        raise ValueError(f"fastdistill: batch size {b} exceeds {MAX_GRID_Y}, the largest batch the per-sample "
+                         f"kernels launch (split the batch)")
+    return (n_chunks(d), b)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +129,7 @@ def ddim_step_fwd(x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, p: torch.Te
     prev = _alloc.empty((B, D), dtype=out_dtype, device=x.device)
     x0 = _alloc.empty((B, D), dtype=out_dtype, device=x.device)
     if B * D:
-        _ddim_fwd_kernel[(n_chunks(D), B)](x, m, prev, x0, ac, t, p, float(final_ac), D,
+        _ddim_fwd_kernel[grid(B, D)](x, m, prev, x0, ac, t, p, float(final_ac), D,
                                            PRED=pred, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return prev, x0
 
@@ -132,7 +143,7 @@ def ddim_step_bwd(g_prev: torch.Tensor | None, g_x0: torch.Tensor | None, t: tor
     gm = _alloc.empty((B, D), dtype=m_dtype, device=device)
     if B * D:
         dummy = gx  # never read when the matching HAS_* flag is off
-        _ddim_bwd_kernel[(n_chunks(D), B)](
+        _ddim_bwd_kernel[grid(B, D)](
             g_prev if g_prev is not None else dummy, g_x0 if g_x0 is not None else dummy, gx, gm,
             ac, t, p, float(final_ac), D, PRED=pred, HAS_GPREV=g_prev is not None,
             HAS_GX0=g_x0 is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
@@ -202,7 +213,7 @@ def pd_target_fwd(zt: torch.Tensor, zs: torch.Tensor, at: torch.Tensor, st: torc
     x = _alloc.empty((B, D), dtype=out_dtype, device=zt.device)
     e = _alloc.empty((B, D), dtype=out_dtype, device=zt.device)
     if B * D:
-        _pd_target_fwd_kernel[(n_chunks(D), B)](zt, zs, x, e, at, st, as_, ss, D, BLOCK=BLOCK,
+        _pd_target_fwd_kernel[grid(B, D)](zt, zs, x, e, at, st, as_, ss, D, BLOCK=BLOCK,
                                                 num_warps=NUM_WARPS)
     return x, e
 
@@ -215,7 +226,7 @@ def pd_target_bwd(gx: torch.Tensor | None, ge: torch.Tensor | None, at: torch.Te
     gzs = _alloc.empty((B, D), dtype=zs_dtype, device=device)
     if B * D:
         dummy = gzt
-        _pd_target_bwd_kernel[(n_chunks(D), B)](
+        _pd_target_bwd_kernel[grid(B, D)](
             gx if gx is not None else dummy, ge if ge is not None else dummy, gzt, gzs, at, st, as_, ss, D,
             HAS_GX=gx is not None, HAS_GE=ge is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return gzt, gzs
@@ -309,7 +320,7 @@ def pd_loss_fwd(xs: torch.Tensor, xt: torch.Tensor, et: torch.Tensor, zt: torch.
     pe = _alloc.empty((B, nc), dtype=torch.float32, device=xs.device)
     loss = _alloc.empty((), dtype=torch.float32, device=xs.device)
     sel = _alloc.empty((B,), dtype=torch.float32, device=xs.device)
-    _pd_loss_partial_kernel[(nc, B)](xs, xt, et, zt, a, s, px, pe, D, nc, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _pd_loss_partial_kernel[grid(B, D)](xs, xt, et, zt, a, s, px, pe, D, nc, BLOCK=BLOCK, num_warps=NUM_WARPS)
     _pd_loss_finish_kernel[(1,)](px, pe, loss, sel, B, nc, 1.0 / D, 1.0 / B, BLOCK_B=FINISH_BLOCK_B,
                                  BLOCK_C=FINISH_BLOCK_C, num_warps=4)
     return loss, sel
@@ -319,6 +330,6 @@ def pd_loss_bwd(go: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, et: torch.
                 a: torch.Tensor, s: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
     B, D = xs.shape
     gxs = _alloc.empty((B, D), dtype=xs.dtype, device=xs.device)
-    _pd_loss_bwd_kernel[(n_chunks(D), B)](go, xs, xt, et, zt, a, s, sel, gxs, D, 2.0 / (B * D), BLOCK=BLOCK,
+    _pd_loss_bwd_kernel[grid(B, D)](go, xs, xt, et, zt, a, s, sel, gxs, D, 2.0 / (B * D), BLOCK=BLOCK,
                                           num_warps=NUM_WARPS)
     return gxs

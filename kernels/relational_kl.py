@@ -33,20 +33,46 @@ from fastdistill import _alloc
 
 
 @triton.jit
-def _logits(P, K, p_base, k_base, rows, rmask, krow, kmask, sp_n, sp_c, sk_m, sk_c, C,
-            DOT: tl.constexpr, PREC: tl.constexpr,
+def _logits(P, K, p_base, k_base, rows, rmask, krow, kmask, sp_n, sp_c, sk_m, sk_c, C, a_res, b_res,
+            A_RES: tl.constexpr, B_RES: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Raw dot products (BLOCK_N, BLOCK_M) of rows of P with rows ``krow`` of K, channels tiled."""
+    """Raw dot products (BLOCK_N, BLOCK_M) of rows of P with rows ``krow`` of K, channels tiled.
+
+    ``A_RES`` / ``B_RES``: the row tile ``a_res`` (BLOCK_N, BLOCK_C) / the transposed key tile ``b_res``
+    (BLOCK_C, BLOCK_M) is already loaded (only when all channels fit one tile): it stays resident across
+    the loop of the caller instead of being re-read for every tile."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cm = cols < C
-        a = tl.load(P + p_base + rows[:, None] * sp_n + cols[None, :].to(tl.int64) * sp_c,
-                    mask=rmask[:, None] & cm[None, :], other=0.0)
-        b = tl.load(K + k_base + krow[None, :] * sk_m + cols[:, None].to(tl.int64) * sk_c,
-                    mask=kmask[None, :] & cm[:, None], other=0.0)
-        acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PREC)
+        if A_RES:
+            a = a_res
+        else:
+            a = tl.load(P + p_base + rows[:, None] * sp_n + cols[None, :].to(tl.int64) * sp_c,
+                        mask=rmask[:, None] & cm[None, :], other=0.0).to(DOT)
+        if B_RES:
+            b = b_res
+        else:
+            b = tl.load(K + k_base + krow[None, :] * sk_m + cols[:, None].to(tl.int64) * sk_c,
+                        mask=kmask[None, :] & cm[:, None], other=0.0).to(DOT)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
     return acc
+
+
+@triton.jit
+def _rows_tile(P, p_base, rows, rmask, sp_n, sp_c, C, DOT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Channels 0..BLOCK_C of the given rows, (rows, BLOCK_C), cast to the GEMM dtype."""
+    cols = tl.arange(0, BLOCK_C)
+    return tl.load(P + p_base + rows[:, None] * sp_n + cols[None, :].to(tl.int64) * sp_c,
+                   mask=rmask[:, None] & (cols < C)[None, :], other=0.0).to(DOT)
+
+
+@triton.jit
+def _rows_tile_t(P, p_base, rows, rmask, sp_n, sp_c, C, DOT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Transposed: (BLOCK_C, rows)."""
+    cols = tl.arange(0, BLOCK_C)
+    return tl.load(P + p_base + rows[None, :] * sp_n + cols[:, None].to(tl.int64) * sp_c,
+                   mask=rmask[None, :] & (cols < C)[:, None], other=0.0).to(DOT)
 
 
 @triton.jit
@@ -57,6 +83,7 @@ def _key_rows(IDX, j, kmask, HAS_IDX: tl.constexpr):
         return j
 
 
+@triton.heuristics({"RES_S": lambda a: a["CS"] <= a["BLOCK_C"], "RES_T": lambda a: a["CT"] <= a["BLOCK_C"]})
 @triton.jit
 def _rkl_fwd_kernel(
     QS, KS, QT, KT, IDX, KL, LSE_S, LSE_T,
@@ -67,7 +94,7 @@ def _rkl_fwd_kernel(
     skt_g1, skt_g2, skt_m, skt_c,
     scale_s, scale_t,
     HAS_IDX: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, RES_S: tl.constexpr, RES_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -86,6 +113,9 @@ def _rkl_fwd_kernel(
     qt_base = g1 * sqt_g1 + g2 * sqt_g2
     kt_base = g1 * skt_g1 + g2 * skt_g2
 
+    # Query tiles that fit one channel tile stay resident for the whole key loop.
+    qs_res = _rows_tile(QS, qs_base, rows, rmask, sqs_n, sqs_c, CS, DOT_S, BLOCK_C) if RES_S else 0.0
+    qt_res = _rows_tile(QT, qt_base, rows, rmask, sqt_n, sqt_c, CT, DOT_T, BLOCK_C) if RES_T else 0.0
     m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     l_s = tl.zeros((BLOCK_N,), tl.float32)
@@ -97,9 +127,9 @@ def _rkl_fwd_kernel(
         j = seg * S + kk.to(tl.int64)
         krow = _key_rows(IDX, j, kmask, HAS_IDX)
         s = _logits(QS, KS, qs_base, ks_base, rows, rmask, krow, kmask, sqs_n, sqs_c, sks_m, sks_c, CS,
-                    DOT_S, PREC_S, BLOCK_N, BLOCK_M, BLOCK_C) * scale_s
+                    qs_res, 0.0, RES_S, False, DOT_S, PREC_S, BLOCK_N, BLOCK_M, BLOCK_C) * scale_s
         t = _logits(QT, KT, qt_base, kt_base, rows, rmask, krow, kmask, sqt_n, sqt_c, skt_m, skt_c, CT,
-                    DOT_T, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C) * scale_t
+                    qt_res, 0.0, RES_T, False, DOT_T, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C) * scale_t
         diff = tl.where(kmask[None, :], t - s, 0.0)  # before masking: no inf - inf
         s = tl.where(kmask[None, :], s, float("-inf"))
         t = tl.where(kmask[None, :], t, float("-inf"))
@@ -126,21 +156,24 @@ def _rkl_fwd_kernel(
 @triton.jit
 def _pdiff(QS, KS, QT, KT, qs_base, ks_base, qt_base, kt_base, rows, rmask, krow, kmask,
            sqs_n, sqs_c, sks_m, sks_c, sqt_n, sqt_c, skt_m, skt_c, CS, CT, scale_s, scale_t,
-           lse_s, lse_t, w,
+           lse_s, lse_t, w, as_res, bs_res, at_res, bt_res,
+           A_RES_S: tl.constexpr, B_RES_S: tl.constexpr, A_RES_T: tl.constexpr, B_RES_T: tl.constexpr,
            DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
            BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Recomputed ``(p_s - p_t) * w`` for one tile (zero outside the valid rows and keys)."""
     s = _logits(QS, KS, qs_base, ks_base, rows, rmask, krow, kmask, sqs_n, sqs_c, sks_m, sks_c, CS,
-                DOT_S, PREC_S, BLOCK_N, BLOCK_M, BLOCK_C) * scale_s
+                as_res, bs_res, A_RES_S, B_RES_S, DOT_S, PREC_S, BLOCK_N, BLOCK_M, BLOCK_C) * scale_s
     t = _logits(QT, KT, qt_base, kt_base, rows, rmask, krow, kmask, sqt_n, sqt_c, skt_m, skt_c, CT,
-                DOT_T, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C) * scale_t
+                at_res, bt_res, A_RES_T, B_RES_T, DOT_T, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C) * scale_t
     valid = rmask[:, None] & kmask[None, :]
     p_s = tl.exp(s - lse_s[:, None])
     p_t = tl.exp(t - lse_t[:, None])
     return tl.where(valid, (p_s - p_t) * w[:, None], 0.0)
 
 
-_ONE_CHUNK = triton.heuristics({"ONE_CHUNK": lambda a: a["CS"] <= a["BLOCK_C"]})
+# Whether all student / teacher channels fit one channel tile (then tiles stay resident in loops).
+_ONE_CHUNK = triton.heuristics({"ONE_CHUNK": lambda a: a["CS"] <= a["BLOCK_C"],
+                                "RES_T": lambda a: a["CT"] <= a["BLOCK_C"]})
 
 
 @_ONE_CHUNK
@@ -154,7 +187,7 @@ def _rkl_bwd_dq_kernel(
     skt_g1, skt_g2, skt_m, skt_c,
     scale_s, scale_t,
     HAS_IDX: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, ONE_CHUNK: tl.constexpr, RES_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -175,6 +208,9 @@ def _rkl_bwd_dq_kernel(
     dq_base = (g * N + rows) * CS  # DQ is a contiguous fp32 (G, N, CS) buffer
     ccols = tl.arange(0, BLOCK_C)
 
+    # This program's query rows are fixed: resident when they fit one channel tile (ONE_CHUNK <=> C_s does).
+    qs_res = _rows_tile(QS, qs_base, rows, rmask, sqs_n, sqs_c, CS, DOT_S, BLOCK_C) if ONE_CHUNK else 0.0
+    qt_res = _rows_tile(QT, qt_base, rows, rmask, sqt_n, sqt_c, CT, DOT_T, BLOCK_C) if RES_T else 0.0
     dq = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     if not ONE_CHUNK:
         for c0 in range(0, CS, BLOCK_C):
@@ -193,7 +229,8 @@ def _rkl_bwd_dq_kernel(
             krow = _key_rows(IDX, j, kmask, HAS_IDX)
             ds = _pdiff(QS, KS, QT, KT, qs_base, ks_base, qt_base, kt_base, rows, rmask, krow, kmask,
                         sqs_n, sqs_c, sks_m, sks_c, sqt_n, sqt_c, skt_m, skt_c, CS, CT, scale_s, scale_t,
-                        lse_s, lse_t, w, DOT_S, DOT_T, PREC_S, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C)
+                        lse_s, lse_t, w, qs_res, 0.0, qt_res, 0.0, ONE_CHUNK, False, RES_T, False,
+                        DOT_S, DOT_T, PREC_S, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C)
             ds = ds.to(DOT_S)
             if ONE_CHUNK:
                 cm = ccols < CS
@@ -234,7 +271,7 @@ def _rkl_bwd_dk_kernel(
     skt_g1, skt_g2, skt_m, skt_c,
     scale_s, scale_t,
     DOT_S: tl.constexpr, DOT_T: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, ONE_CHUNK: tl.constexpr, RES_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -256,6 +293,9 @@ def _rkl_bwd_dk_kernel(
     dk_base = (g * M + krow) * CS  # DK is a contiguous fp32 (G, M, CS) buffer
     ccols = tl.arange(0, BLOCK_C)
 
+    # This program's keys are fixed: resident (transposed) when they fit one channel tile.
+    ks_res = _rows_tile_t(KS, ks_base, krow, kmask, sks_m, sks_c, CS, DOT_S, BLOCK_C) if ONE_CHUNK else 0.0
+    kt_res = _rows_tile_t(KT, kt_base, krow, kmask, skt_m, skt_c, CT, DOT_T, BLOCK_C) if RES_T else 0.0
     dk = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     if not ONE_CHUNK:
         for c0 in range(0, CS, BLOCK_C):
@@ -271,7 +311,8 @@ def _rkl_bwd_dk_kernel(
         w = tl.load(DKL + o, mask=rmask, other=0.0) / wmax
         ds = _pdiff(QS, KS, QT, KT, qs_base, ks_base, qt_base, kt_base, rows, rmask, krow, kmask,
                     sqs_n, sqs_c, sks_m, sks_c, sqt_n, sqt_c, skt_m, skt_c, CS, CT, scale_s, scale_t,
-                    lse_s, lse_t, w, DOT_S, DOT_T, PREC_S, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C)
+                    lse_s, lse_t, w, 0.0, ks_res, 0.0, kt_res, False, ONE_CHUNK, False, RES_T,
+                    DOT_S, DOT_T, PREC_S, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C)
         dst = tl.trans(ds.to(DOT_S))
         if ONE_CHUNK:
             cm = ccols < CS

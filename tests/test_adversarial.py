@@ -256,3 +256,21 @@ def test_adversarial_distiller_bad_arguments():
         AdversarialDistiller(TinyG(), CondD(), gp_weight=-1)
     with pytest.raises(ValueError, match="clip_value must be > 0 or None"):
         AdversarialDistiller(TinyG(), CondD(), clip_value=0)
+
+
+@pytest.mark.slow
+def test_adversarial_losses_compile_fullgraph_with_fake_kernel_and_autograd():
+    def f(r, fk):
+        d, g = fastdistill.adversarial_losses(r, fk)
+        return d + 0.5 * g
+
+    r, fk = torch.randn(5, 1, requires_grad=True), torch.randn(5, 1, requires_grad=True)
+    torch._dynamo.reset()
+    with fastdistill.use_backend("triton"):
+        eager = f(r, fk)
+        g_eager = torch.autograd.grad(eager, [r, fk])
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(r, fk)
+        g_comp = torch.autograd.grad(compiled, [r, fk])
+    assert_close(compiled, eager, rtol=1e-6)
+    for a, b in zip(g_comp, g_eager):
+        assert_close(a, b, rtol=1e-6)

@@ -48,8 +48,11 @@ def test_boot_loss_values_and_grads_vs_float64(prediction_type, backend, dtype):
             kwargs.update(teacher_output_uncond=randn(*shape, gen=gen, dtype=dtype), guidance_scale=4.5)
         args = [randn(*shape, gen=gen, dtype=dtype, requires_grad=True), randn(*shape, gen=gen, dtype=dtype),
                 randn(*shape, gen=gen, dtype=dtype)]
+        # bf16 on triton: the forward writes dy_s in bf16 and the backward scales it by the upstream
+        # gradient, two roundings of 2^-8 each (exact for the usual upstream gradient of 1).
+        grad_rtol = 2e-2 if (backend == "triton" and dtype == torch.bfloat16) else None
         res = check_against_reference(fastdistill.boot_loss, fastdistill.boot_loss, args, kwargs, dtype=dtype,
-                                      backend=backend)
+                                      backend=backend, grad_rtol=grad_rtol)
         assert res.outputs[0].dtype == torch.float32
 
 
@@ -221,3 +224,24 @@ def test_boot_distiller_bad_arguments():
         dist.loss(torch.randn(2, 3, 4, 4), torch.tensor([4, 20]))
     with pytest.raises(ValueError, match=r"timesteps must lie in \[5, 49\]"):
         dist.loss(torch.randn(2, 3, 4, 4), torch.tensor([6, 50]))
+
+
+@pytest.mark.slow
+def test_boot_loss_compiles_fullgraph_with_fake_kernel_and_autograd():
+    a_t, s_t, a_s, s_s = torch.tensor([0.1, 0.5]), torch.tensor([0.99, 0.75**0.5]), torch.tensor([0.3, 0.7]), \
+        torch.tensor([0.91**0.5, 0.51**0.5])
+
+    def f(ys, yt, fc, fu, xt):
+        return fastdistill.boot_loss(ys, yt, fc, x_t=xt, alpha_t=a_t, sigma_t=s_t, alpha_s=a_s, sigma_s=s_s,
+                                     teacher_output_uncond=fu, guidance_scale=2.0)
+
+    ys = torch.randn(2, 3, 4, requires_grad=True)
+    rest = [torch.randn(2, 3, 4) for _ in range(4)]
+    torch._dynamo.reset()
+    with fastdistill.use_backend("triton"):
+        eager = f(ys, *rest)
+        (g_eager,) = torch.autograd.grad(eager, ys)
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(ys, *rest)
+        (g_comp,) = torch.autograd.grad(compiled, ys)
+    assert_close(compiled, eager, rtol=1e-6)
+    assert_close(g_comp, g_eager, rtol=1e-6)

@@ -107,7 +107,11 @@ def test_pd_target_values_and_grads_vs_float64(backend, dtype):
                 randn(*shape, gen=gen, dtype=dtype, requires_grad=True),
                 abar_t.sqrt(), (1 - abar_t).sqrt(), abar_s.sqrt(), (1 - abar_s).sqrt()]
         op = fastdistill.progressive_distillation_target
-        check_against_reference(op, op, args, dtype=dtype, backend=backend)
+        # Two outputs: the harness rounds each random upstream gradient to bf16 for the op (not for the
+        # float64 reference), and dz = dx~/den - (alpha_t/sigma_t) deps~/den partly cancels, which can
+        # lift that input rounding (2^-8) past 1% of the result on either backend.
+        grad_rtol = 3e-2 if dtype == torch.bfloat16 else None
+        check_against_reference(op, op, args, dtype=dtype, backend=backend, grad_rtol=grad_rtol)
 
 
 @pytest.mark.parametrize("backend", testing.backends_under_test("progressive_distillation_target"))

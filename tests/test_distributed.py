@@ -227,10 +227,14 @@ def _prim_uneven(rank: int, world: int) -> dict[str, Any]:
 
 
 def _prim_all_reduce(rank: int, world: int) -> dict[str, Any]:
-    x = (torch.arange(4.0) * (rank + 1)).requires_grad_()
-    y = fdist.all_reduce_with_grad(x)
-    (y * torch.arange(1.0, 5.0)).sum().backward()
-    return {"y": y.tolist(), "grad": x.grad.tolist(), "x_after": x.tolist()}
+    out = {}
+    for legacy in (False, True):  # functional collective, and the c10d fallback
+        with fdist.force_legacy_gather(legacy):
+            x = (torch.arange(4.0) * (rank + 1)).requires_grad_()
+            y = fdist.all_reduce_with_grad(x)
+            (y * torch.arange(1.0, 5.0)).sum().backward()
+        out[f"legacy={legacy}"] = {"y": y.tolist(), "grad": x.grad.tolist(), "x_after": x.tolist()}
+    return out
 
 
 _MOMENT_ROWS = (3, 5)  # uneven per-rank counts on purpose: moments do not need equal sizes
@@ -268,11 +272,12 @@ def _prim_moments(rank: int, world: int) -> dict[str, Any]:
 
 
 def _prim_compiled_gather(rank: int, world: int) -> dict[str, Any]:
-    """all_gather_with_grad inside torch.compile(fullgraph=True): functional collectives trace, and the
-    size check (host-side) is skipped while tracing instead of breaking the graph."""
+    """all_gather_with_grad and all_reduce_with_grad inside torch.compile(fullgraph=True): functional
+    collectives trace, and the size check (host-side) is skipped while tracing instead of breaking the graph."""
     def f(x: torch.Tensor) -> torch.Tensor:
         y = fdist.all_gather_with_grad(x)
-        return (y.softmax(0) * y).sum()
+        s = fdist.all_reduce_with_grad(x.sum(0))
+        return (y.softmax(0) * y).sum() + (s ** 2).sum()
 
     x = _full_inputs(30 + rank, 3, 4).requires_grad_()
     out = torch.compile(f, fullgraph=True)(x)
@@ -667,14 +672,16 @@ def test_uneven_batches_rejected_without_hang(spawned):
 
 
 @pytest.mark.slow
-def test_all_gather_with_grad_under_torch_compile(spawned):
+def test_collectives_under_torch_compile(spawned):
     for v in _values(spawned("compile"), "gather"):
         _assert_close(v["compiled"], v["eager"], "compiled gather loss", rtol=1e-5)
         _assert_close(v["compiled_grad"], v["eager_grad"], "compiled gather gradient", rtol=1e-5)
 
 
-def test_all_reduce_with_grad(spawned):
-    for v in _values(spawned("primitives"), "all_reduce"):
+@pytest.mark.parametrize("legacy", [False, True])
+def test_all_reduce_with_grad(spawned, legacy):
+    for both in _values(spawned("primitives"), "all_reduce"):
+        v = both[f"legacy={legacy}"]
         assert v["y"] == [0.0, 3.0, 6.0, 9.0]
         assert v["grad"] == [2.0, 4.0, 6.0, 8.0]  # sum over both ranks of the upstream gradient
         assert v["x_after"] != v["y"]  # the input is not modified in place

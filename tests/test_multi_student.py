@@ -233,3 +233,20 @@ def test_cuda_multistudent_matches_loop(fused):
     t = torch.tensor([999, 0, 250, 249, 600, 599, 5, 5]).cuda()
     sample = torch.randn(8, 3, 8, 8, device="cuda")
     compare_with_loop(model, students, sample, t, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_fused_fixed_capacity_step_has_no_host_sync():
+    students = [tiny_unet(s).cuda() for s in (1, 2, 3)]
+    model = MultiStudent(students, BOUNDARIES, fused=True, capacity=4)
+    t = torch.tensor([999, 0, 250, 249, 600, 599, 5, 5]).cuda()
+    x = torch.randn(8, 3, 8, 8, device="cuda")
+    want = per_sample_loop(students, x, t)
+    model(x, t)  # warm-up (allocations, cached boundaries)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = model(x, t).sample
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    testing.assert_close(out, want, rtol=1e-3)

@@ -332,3 +332,38 @@ def test_process_group_none_matches_default():
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_autocast_bf16():
+    """Under autocast the projection head yields bf16 features against the fp32 queue: the loss still
+    runs forward and backward and stays close to the fp32 value."""
+    torch.manual_seed(0)
+    s, t = _maps(3, 6, 6, 3, 3, torch.float32, testing.generator())
+    mod = RDDLoss(6, 6, pixel_memory_size=40, pixel_contrast_size=9)
+    state = {k: v.clone() for k, v in mod.state_dict().items()}
+    torch.manual_seed(1)
+    want = mod(s, t)
+    mod.load_state_dict(state)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mod(s, t)
+    assert got.dtype == torch.float32
+    testing.assert_close(got, want, rtol=5e-2)
+    got.backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().max() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4, 320, 16, 16), (8, 1920, 4, 4), (2, 64, 9, 13)])
+def test_gpu_triton_matches_float64(shape):
+    B, C, H, W = shape
+    gen = testing.generator()
+    s = testing.randn(B, C, H, W, dtype=torch.bfloat16, device="cuda", gen=gen, requires_grad=True)
+    t = testing.randn(B, C, H, W, dtype=torch.bfloat16, device="cuda", gen=gen).relu()
+    check(fused_rdd_loss, official_is_p2p, [s, t], dtype=torch.bfloat16, backend="triton", rtol=2e-2,
+          grad_rtol=5e-2)
+    bank = F.normalize(testing.randn(500, C, device="cuda", gen=gen), dim=1)
+    index = torch.round(torch.linspace(0, 499, 128, device="cuda")).long()
+    check(lambda s, t: memory_p2p_loss(s, t, bank, index=index), lambda s, t: official_memory_term(
+        s, t, bank[index].double().to(torch.bfloat16).double()), [s, t], dtype=torch.bfloat16, backend="triton",
+        rtol=2e-2, grad_rtol=5e-2)

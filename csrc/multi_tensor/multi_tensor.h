@@ -8,8 +8,8 @@
 // Every tensor is walked as a flat span of numel elements in memory order (the Python layer makes
 // sure each is non-overlapping and dense and that paired tensors have equal strides), cut into
 // chunks of kChunk elements. The element formulas below are the single definition both backends use,
-// written so that no fused multiply-add changes the rounding: the CPU kernel, the CUDA kernel and
-// the PyTorch reference (separately rounded torch ops) agree bit for bit in fp32.
+// written so that no fused multiply-add changes the rounding and every operation is correctly rounded
+// (IEEE): the CPU and CUDA kernels agree bit for bit (and with numpy fp32).
 #pragma once
 
 #include <cmath>

@@ -8,6 +8,9 @@ from .rdd import IntraSampleP2PLoss, MemoryP2PLoss, RCFDLoss, RDDLoss  # noqa: E
 
 __all__ += ["IntraSampleP2PLoss", "MemoryP2PLoss", "RCFDLoss", "RDDLoss"]
 # --- moment matching ---
+from .moment_matching import MomentMatchingDistiller  # noqa: E402
+
+__all__ += ["MomentMatchingDistiller"]
 # --- routing (O2MKD) ---
 from .multi_student import MultiStudent  # noqa: E402
 

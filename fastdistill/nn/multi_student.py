@@ -21,9 +21,10 @@ Execution of the routed step:
   stacked (``torch.stack``, differentiable, so the gradients land in each student's own
   parameters; this is ``torch.func.stack_module_state`` with autograd kept) and one
   ``torch.func.vmap`` of ``functional_call`` runs all K students as one batched model. Each segment
-  is padded to a common capacity (a multiple of ``capacity_multiple``, or a fixed ``capacity``), so
-  the shapes are static and the step can be captured in a CUDA graph. Padding rows repeat a real row
-  of their segment and are dropped; they get no gradient.
+  is padded to a common capacity (a multiple of ``capacity_multiple``, or a fixed ``capacity``).
+  With a fixed ``capacity`` on CUDA nothing is read on the host (range and capacity are checked by a
+  device-side assert), so shapes are static and the step can be captured in a CUDA graph. Padding
+  rows repeat a real row of their segment and are dropped; they get no gradient.
 * ``fused="auto"``: fused on CUDA when the students share one architecture, the loop otherwise
   (on CPU, vmap's per-op overheads and the missing batching rule of CPU flash attention make the
   loop faster).
@@ -49,6 +50,9 @@ from torch.utils import _pytree as pytree
 from ..ops import routing as _routing
 
 __all__ = ["MultiStudent"]
+
+# Side streams per device, shared by every MultiStudent (one per concurrently running student).
+_STREAMS: dict[torch.device, list["torch.cuda.Stream"]] = {}
 
 
 def _architecture_key(module: nn.Module) -> tuple:
@@ -119,7 +123,6 @@ class MultiStudent(nn.Module):
             raise ValueError(f"{op}: fused=True needs students of one architecture (same class, config and "
                              f"parameter shapes); these differ. Use fused=False")
         self.fused = fused
-        self._streams: dict[torch.device, list[torch.cuda.Stream]] = {}
 
     # -- what diffusers pipelines read from their unet ------------------------------------------
     @property
@@ -185,7 +188,8 @@ class MultiStudent(nn.Module):
         return pytree.tree_unflatten(leaves, spec)
 
     def _cuda_streams(self, device: torch.device, n: int) -> list[torch.cuda.Stream]:
-        streams = self._streams.setdefault(device, [])
+        # Module-level pool (not an attribute): streams cannot be deep-copied or pickled with the module.
+        streams = _STREAMS.setdefault(device, [])
         while len(streams) < n:
             streams.append(torch.cuda.Stream(device=device))
         return streams[:n]
@@ -212,6 +216,10 @@ class MultiStudent(nn.Module):
             timestep = timestep.to(sample.device)
         bnd = _routing.boundaries_tensor(self.boundaries, sample.device)
         routing = _routing._route(_routing._check_timesteps("MultiStudent", timestep), bnd)
+        if self.capacity is not None and sample.device.type == "cuda" and self._use_fused(sample.device):
+            # Fixed capacity on CUDA: nothing is read on the host, so the whole step can be captured
+            # in a CUDA graph. Range and capacity are checked by a device-side assert instead.
+            return self._fused(routing, None, sample, timestep, args, kwargs)
         offsets = routing.host_offsets()  # the step's one host copy; raises for out-of-range timesteps
         counts = [offsets[k + 1] - offsets[k] for k in range(self.num_students)]
         active = [k for k, n in enumerate(counts) if n > 0]
@@ -282,23 +290,28 @@ class MultiStudent(nn.Module):
             result = self._touch(result, skipped)
         return result
 
-    def _fused(self, routing: _routing.Routing, counts: list[int], sample: torch.Tensor, timestep: torch.Tensor,
+    def _fused(self, routing: _routing.Routing, counts: Optional[list[int]], sample: torch.Tensor, timestep: torch.Tensor,
                args: tuple, kwargs: dict) -> Any:
         from torch.func import functional_call, vmap
 
         K, B, dev = self.num_students, sample.shape[0], sample.device
-        largest = max(counts)
-        if self.capacity is not None:
+        offs = routing.offsets
+        n = offs[1:] - offs[:-1]
+        if counts is None:  # fixed capacity, host-free step (see forward)
+            cap = self.capacity
+            torch._assert_async((offs[-1] == B) & (n.max() <= cap),
+                                f"MultiStudent: a timestep is outside [0, {self.num_train_timesteps}) or a "
+                                f"segment holds more than capacity={cap} samples")
+        elif self.capacity is not None:
+            largest = max(counts)
             if largest > self.capacity:
                 raise ValueError(f"MultiStudent: a segment holds {largest} samples, more than capacity="
                                  f"{self.capacity}; raise capacity or use stratified_timesteps")
             cap = self.capacity
         else:
-            cap = int(math.ceil(largest / self.capacity_multiple) * self.capacity_multiple)
-        # Rows of the padded (K, cap) layout, on the device (no host work beyond `counts`): slot j of
-        # segment k reads sorted position offsets[k] + min(j, n_k - 1); an empty segment reads row 0.
-        offs = routing.offsets
-        n = offs[1:] - offs[:-1]
+            cap = int(math.ceil(max(counts) / self.capacity_multiple) * self.capacity_multiple)
+        # Rows of the padded (K, cap) layout, on the device: slot j of segment k reads sorted position
+        # offsets[k] + min(j, n_k - 1); an empty segment reads row 0 (dropped anyway).
         j = torch.arange(cap, device=dev)
         pos = offs[:-1, None] + torch.minimum(j[None, :], (n - 1).clamp(min=0)[:, None])
         rows = routing.permutation[pos.clamp(max=max(B - 1, 0)).reshape(-1)]

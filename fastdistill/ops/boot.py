@@ -60,39 +60,37 @@ def boot_loss_reference(y_s: Tensor, y_t: Tensor, teacher_output: Tensor, x_t: T
 
 @torch.library.custom_op("fastdistill::boot_loss_triton", mutates_args=())
 def _boot_loss_triton(ys: Tensor, yt: Tensor, f: Tensor, fu: Tensor | None, xt: Tensor | None, gs: Tensor,
-                      at: Tensor, st: Tensor, as_: Tensor, ss: Tensor, w: Tensor, pred: int) -> Tensor:
+                      at: Tensor, st: Tensor, as_: Tensor, ss: Tensor, w: Tensor, pred: int,
+                      need_grad: bool) -> tuple[Tensor, Tensor]:
     from fastdistill.kernels import boot as k
 
-    return k.boot_loss_fwd(ys, yt, f, fu, xt, gs, at, st, as_, ss, w, pred)
+    return k.boot_loss_fwd(ys, yt, f, fu, xt, gs, at, st, as_, ss, w, pred, need_grad)
 
 
 @_boot_loss_triton.register_fake
-def _(ys, yt, f, fu, xt, gs, at, st, as_, ss, w, pred):
-    return ys.new_empty((), dtype=torch.float32)
+def _(ys, yt, f, fu, xt, gs, at, st, as_, ss, w, pred, need_grad):
+    return ys.new_empty((), dtype=torch.float32), ys.new_empty(ys.shape if need_grad else (0,))
 
 
 @torch.library.custom_op("fastdistill::boot_loss_triton_bwd", mutates_args=())
-def _boot_loss_triton_bwd(go: Tensor, ys: Tensor, yt: Tensor, f: Tensor, fu: Tensor | None, xt: Tensor | None,
-                          gs: Tensor, at: Tensor, st: Tensor, as_: Tensor, ss: Tensor, w: Tensor, pred: int) -> Tensor:
+def _boot_loss_triton_bwd(go: Tensor, grad: Tensor) -> Tensor:
     from fastdistill.kernels import boot as k
 
-    return k.boot_loss_bwd(go.contiguous(), ys, yt, f, fu, xt, gs, at, st, as_, ss, w, pred)
+    return k.scale_grad(go.contiguous(), grad)
 
 
 @_boot_loss_triton_bwd.register_fake
-def _(go, ys, yt, f, fu, xt, gs, at, st, as_, ss, w, pred):
-    return torch.empty_like(ys)
+def _(go, grad):
+    return torch.empty_like(grad)
 
 
 def _boot_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:11])
-    ctx.pred = inputs[11]
+    ctx.save_for_backward(output[1])
 
 
-def _boot_backward(ctx, go):
-    ys, yt, f, fu, xt, gs, at, st, as_, ss, w = ctx.saved_tensors
-    g = _boot_loss_triton_bwd(go, ys, yt, f, fu, xt, gs, at, st, as_, ss, w, ctx.pred)
-    return (g,) + (None,) * 11
+def _boot_backward(ctx, go, _ggrad):
+    (grad,) = ctx.saved_tensors
+    return (_boot_loss_triton_bwd(go, grad),) + (None,) * 12
 
 
 _boot_loss_triton.register_autograd(_boot_backward, setup_context=_boot_setup)
@@ -158,9 +156,12 @@ def boot_loss(y_s: Tensor, y_t: Tensor, teacher_output: Tensor, *, x_t: Tensor |
     if backend == "triton":
         reject_float64_on_triton(op, y_s, y_t, teacher_output, x_t, teacher_output_uncond)
         rows = lambda t: _as_rows(t.detach()) if t is not None else None  # noqa: E731
-        return _boot_loss_triton(_as_rows(y_s), rows(y_t), rows(teacher_output), rows(teacher_output_uncond),
-                                 rows(x_t) if prediction_type != "sample" else None, gs.float(), at.float(),
-                                 st.float(), as_.float(), ss.float(), w.float(), _PRED_CODE[prediction_type])
+        need_grad = y_s.requires_grad and torch.is_grad_enabled()
+        loss, _ = _boot_loss_triton(_as_rows(y_s), rows(y_t), rows(teacher_output), rows(teacher_output_uncond),
+                                    rows(x_t) if prediction_type != "sample" else None, gs.float(), at.float(),
+                                    st.float(), as_.float(), ss.float(), w.float(), _PRED_CODE[prediction_type],
+                                    need_grad)
+        return loss
     return boot_loss_reference(y_s, y_t, teacher_output, x_t if prediction_type != "sample" else None, at, st, as_,
                                ss, w, prediction_type, teacher_output_uncond,
                                gs if teacher_output_uncond is not None else None)

@@ -482,6 +482,9 @@ def stratified_timesteps(batch_size: int, boundaries: BoundariesArg, *, generato
     spans = widths.to(torch.int64).repeat_interleave(counts)
     u = torch.rand(batch_size, generator=generator, device=gen_device, dtype=torch.float64).cpu()
     t = lows + torch.minimum((u * spans).to(torch.int64), spans - 1)
+    if device.type == "cuda":
+        # A pinned, non-blocking copy: a pageable host-to-device copy would synchronise the stream.
+        return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
 
