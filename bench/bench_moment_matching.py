@@ -64,7 +64,8 @@ def _lists():
 
 def _case_name(lists) -> str:
     n = sum(t.numel() for t in lists["theta"])
-    return f"{len(lists['theta'])} tensors, {n / 1e6:.0f}M params"
+    count = f"{n / 1e6:.0f}M" if n >= 1e6 else str(n)
+    return f"{len(lists['theta'])} tensors, {count} params"
 
 
 def _param_bytes(lists, per_elem: float) -> float:

@@ -100,21 +100,6 @@ class StudentWithRDD(nn.Module):
         }
 
 
-def without_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """CPU ranks only: DDP refuses any module containing ``nn.SyncBatchNorm`` on CPU ("SyncBatchNorm layers
-    only work with GPU modules"), and on CPU tensors MemoryP2PLoss's head normalises with local batch
-    statistics anyway, so a ``BatchNorm2d`` carrying the same parameters and buffers is equivalent there."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.SyncBatchNorm):
-            bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                child.track_running_stats)
-            bn.load_state_dict(child.state_dict())
-            setattr(module, name, bn.to(next(child.buffers(), torch.empty(0)).device))
-        else:
-            without_sync_batchnorm(child)
-    return module
-
-
 def setup_distributed(args: argparse.Namespace):
     """(rank, world, device, accelerator or None); torchrun / accelerate set RANK, WORLD_SIZE, ..."""
     use_cuda = torch.cuda.is_available() and not args.cpu
@@ -149,8 +134,6 @@ def main(argv: list[str] | None = None) -> None:
     teacher = make_unet(args.tiny).to(device).eval().requires_grad_(False)
     teacher_tap = FeatureTap(teacher.mid_block)
     model = StudentWithRDD(make_unet(args.tiny), channels=teacher.config.block_out_channels[-1]).to(device)
-    if device.type == "cpu" and world > 1:
-        without_sync_batchnorm(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     if accelerator is not None:
         model, optimizer = accelerator.prepare(model, optimizer)

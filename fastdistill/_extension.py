@@ -58,12 +58,20 @@ def compiled_with_cuda() -> bool:
 
 
 def registered_ops() -> list[str]:
-    """Names of the ``torch.ops.fastdistill`` operators defined in C++ (sorted)."""
+    """Names of the ``torch.ops.fastdistill`` operators defined in C++ (sorted).
+
+    Ops defined from Python (``torch.library.custom_op`` / ``triton_op``: the Triton ops) share the
+    namespace but are not the extension's, so they are left out.
+    """
     if _C is None:
         return []
+    try:
+        from torch._library.custom_ops import OPDEFS as python_ops
+    except ImportError:  # private registry; without it every schema counts as C++
+        python_ops = {}
     names = set()
     for schema in torch._C._jit_get_all_schemas():
-        if schema.name.startswith("fastdistill::"):
+        if schema.name.startswith("fastdistill::") and schema.name not in python_ops:
             names.add(schema.name.split("::", 1)[1])
     return sorted(names)
 

@@ -486,3 +486,101 @@ def relational_kl_bwd(dkl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q
             G2, N, Mk, S, nseg, CS, CT, *strides, float(scale_s), float(scale_t), **common,
         )
     return dq, dk
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-pixel L2 normalisation of (B, C, H, W) maps into contiguous (B*H*W, C) rows (RDD's pre-pass):
+# one kernel forward, one backward, instead of the permute copy, norm, clamp, divide and casts.
+
+@triton.jit
+def _pixnorm_fwd_kernel(X, Y, RN, R, C, P, W, sxb, sxc, sxh, sxw, eps,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rmask = r < R
+    b = r // P
+    p = r % P
+    xrow = b * sxb + (p // W) * sxh + (p % W) * sxw
+    ss = tl.zeros((BLOCK_R,), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        m = rmask[:, None] & (c < C)[None, :]
+        x = tl.load(X + xrow[:, None] + c[None, :].to(tl.int64) * sxc, mask=m, other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    norm = tl.sqrt(ss)
+    rn = 1.0 / tl.maximum(norm, eps)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        m = rmask[:, None] & (c < C)[None, :]
+        x = tl.load(X + xrow[:, None] + c[None, :].to(tl.int64) * sxc, mask=m, other=0.0).to(tl.float32)
+        tl.store(Y + r[:, None] * C + c[None, :], (x * rn[:, None]).to(Y.dtype.element_ty), mask=m)
+    # A clamped norm (||x|| <= eps) is stored negated: its backward has no projection term.
+    tl.store(RN + r, tl.where(norm > eps, rn, -rn), mask=rmask)
+
+
+@triton.jit
+def _pixnorm_bwd_kernel(DY, Y, RN, DX, R, C, P, W, sdb, sdc, sdh, sdw,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rmask = r < R
+    b = r // P
+    p = r % P
+    drow = b * sdb + (p // W) * sdh + (p % W) * sdw
+    rn = tl.load(RN + r, mask=rmask, other=1.0)
+    proj = rn > 0
+    rn = tl.abs(rn)
+    dot = tl.zeros((BLOCK_R,), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        m = rmask[:, None] & (c < C)[None, :]
+        off = r[:, None] * C + c[None, :]
+        dot += tl.sum(tl.load(Y + off, mask=m, other=0.0).to(tl.float32)
+                      * tl.load(DY + off, mask=m, other=0.0).to(tl.float32), axis=1)
+    dot = tl.where(proj, dot, 0.0)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        m = rmask[:, None] & (c < C)[None, :]
+        off = r[:, None] * C + c[None, :]
+        y = tl.load(Y + off, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
+        dx = (dy - y * dot[:, None]) * rn[:, None]
+        tl.store(DX + drow[:, None] + c[None, :].to(tl.int64) * sdc, dx.to(DX.dtype.element_ty), mask=m)
+
+
+def _pixnorm_blocks(C: int) -> tuple[int, int]:
+    block_c = max(16, min(128, triton.next_power_of_2(C)))
+    return max(1, 4096 // block_c), block_c
+
+
+def pixel_normalize_fwd(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, H, W), any strides -> (rows (B*H*W, C) contiguous in x.dtype, signed inverse norms fp32)."""
+    B, C, H, W = x.shape
+    R = B * H * W
+    y = _alloc.empty((R, C), dtype=_store_dtype(x.dtype), device=x.device)
+    rn = _alloc.empty((R,), dtype=torch.float32, device=x.device)
+    BR, BC = _pixnorm_blocks(C)
+    _pixnorm_fwd_kernel[(triton.cdiv(R, BR),)](x, y, rn, R, C, H * W, W, *x.stride(), float(eps),
+                                               BLOCK_R=BR, BLOCK_C=BC, num_warps=4)
+    return y.to(x.dtype), rn
+
+
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Triton's CPU interpreter converts fp32 to bf16 by truncation (the GPU rounds to nearest): under
+    the interpreter bf16 outputs are written in fp32 and rounded by torch, so tests see GPU rounding."""
+    return torch.float32 if dtype == torch.bfloat16 and _interpret() else dtype
+
+
+def pixel_normalize_bwd(dy: torch.Tensor, y: torch.Tensor, rn: torch.Tensor, shape: list[int],
+                        channels_last: bool) -> torch.Tensor:
+    """Gradient w.r.t. the (B, C, H, W) input (in y's dtype; channels_last when the input was)."""
+    B, C, H, W = shape
+    R = B * H * W
+    dy = dy.contiguous()
+    dt = _store_dtype(y.dtype)
+    if channels_last:
+        dx = _alloc.empty((B, H, W, C), dtype=dt, device=y.device).permute(0, 3, 1, 2)
+    else:
+        dx = _alloc.empty((B, C, H, W), dtype=dt, device=y.device)
+    BR, BC = _pixnorm_blocks(C)
+    _pixnorm_bwd_kernel[(triton.cdiv(R, BR),)](dy, y, rn, dx, R, C, H * W, W, *dx.stride(),
+                                               BLOCK_R=BR, BLOCK_C=BC, num_warps=4)
+    return dx.to(y.dtype)

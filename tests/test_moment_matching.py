@@ -139,10 +139,10 @@ def test_moment_matching_loss_matches_reference(backend, dtype, variant, shape):
 
     # The surrogate is a mean of terms of both signs: compare its value relative to the terms' scale,
     # 3 mean(|w x_s (x_a - x_t)|), added as a constant (no gradient) to both sides.
-    w_used = kw.get("weight", torch.ones(B)).double()
-    t_used = xu.double() + g.double()[:, None, None, None][:B].reshape(B, *[1] * (len(shape) - 1)) * (
-        xt.double() - xu.double()) if variant == "cfg" else xt.double()
-    offset = 3 * (w_used.reshape(B, *[1] * (len(shape) - 1)) * xs.double() * (xa.double() - t_used)).abs().mean().item()
+    col = (B,) + (1,) * (len(shape) - 1)
+    w_used = kw.get("weight", torch.ones(B)).double().reshape(col)
+    t_used = xu.double() + g.double().reshape(col) * (xt.double() - xu.double()) if variant == "cfg" else xt.double()
+    offset = 3 * (w_used * xs.double() * (xa.double() - t_used)).abs().mean().item()
 
     def fn(xs, xa, xt, xu):
         return fastdistill.moment_matching_loss(xs, xa, xt, **kw) + offset
@@ -337,7 +337,8 @@ def test_triton_on_gpu_matches_reference_and_cpu_noise(dtype):
     testing.assert_close(gpu.cpu(), cpu, rtol=testing.tolerance(dtype))
     xa, xt = (testing.randn(*shape, dtype=dtype, gen=gen, device="cuda") for _ in range(2))
     _check(lambda x: fastdistill.moment_matching_loss(x, xa, xt),
-                                    lambda x: mm.moment_matching_loss_reference(x, xa, xt, torch.ones(3, device="cuda")),
+                                    lambda x: mm.moment_matching_loss_reference(x, xa, xt,
+                                                                                torch.ones(3, device="cuda")),
                                     [x], dtype=dtype, backend="triton")
     _check(
         lambda x: fastdistill.moment_statistics(x, dims=(0, 2, 3), process_group=None),

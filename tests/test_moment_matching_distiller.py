@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import fastdistill
-from fastdistill import testing
 from fastdistill.nn import MomentMatchingDistiller
 
 diffusers = pytest.importorskip("diffusers")

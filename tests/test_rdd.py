@@ -154,6 +154,17 @@ def test_fused_rdd_loss_cifar_shape_scaled_down(backend):
           grad_rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_rdd_loss_zero_pixel(backend):
+    """An all-zero pixel: F.normalize clamps its norm at 1e-12 (a zero row, gradient dy / 1e-12)."""
+    s, t = _maps(2, 5, 4, 2, 3, torch.float32, testing.generator())
+    s = s.detach().clone()
+    s[1, :, 0, 2] = 0
+    s.requires_grad_(True)
+    check(fused_rdd_loss, official_is_p2p, [s, t], dtype=torch.float32, backend=backend, rtol=1e-4,
+          grad_rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # memory_p2p_loss
 
@@ -367,3 +378,18 @@ def test_gpu_triton_matches_float64(shape):
     check(lambda s, t: memory_p2p_loss(s, t, bank, index=index), lambda s, t: official_memory_term(
         s, t, bank[index].double().to(torch.bfloat16).double()), [s, t], dtype=torch.bfloat16, backend="triton",
         rtol=2e-2, grad_rtol=5e-2)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the fused pixel normalisation is a Triton kernel")
+def test_opcheck_pixel_normalize():
+    from fastdistill.ops import rdd as mod
+
+    x = testing.randn(2, 5, 3, 2, gen=testing.generator(), requires_grad=True)
+    torch.library.opcheck(mod._pixnorm_fwd_op, (x,),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    xc = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    y = mod.pixels(xc, "triton")
+    (g,) = torch.autograd.grad(y, xc, torch.ones_like(y))
+    assert g.is_contiguous(memory_format=torch.channels_last)
+    ref = F.normalize(x.detach().permute(0, 2, 3, 1).reshape(-1, 5), dim=1)
+    testing.assert_close(y, ref, rtol=1e-6)

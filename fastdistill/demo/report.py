@@ -54,6 +54,8 @@ def save_loss_curves(path: str, curves: dict[str, list[dict[str, float]]]) -> No
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
     if isinstance(v, float):
         if v != v:
             return "n/a"

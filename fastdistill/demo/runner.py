@@ -5,7 +5,6 @@ write samples, loss curves and a report to ``--out``."""
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import platform
@@ -63,19 +62,18 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
 
 
-def _peak_mib(device: torch.device, fn) -> float:
-    """Peak memory of ``fn()``: CUDA allocator peak over the baseline, or the process RSS growth on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+def _peak_mib(device: torch.device, fn) -> float | None:
+    """Peak CUDA memory of ``fn()`` over the baseline, in MiB. None on CPU: the process's peak RSS
+    cannot be attributed to one of two paths run in the same process."""
+    if device.type != "cuda":
         fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024.0  # ru_maxrss is KiB on Linux
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _sync(device: torch.device) -> None:
@@ -84,29 +82,45 @@ def _sync(device: torch.device) -> None:
 
 
 def compare_paths(method_cls, teacher, cfg, data, device, seed: int) -> dict[str, Any]:
-    """Time the fused and the reference path from the same state, in this run, on this device."""
-    out: dict[str, Any] = {}
-    first_losses = {}
-    for path in ("fused", "reference"):
-        run = method_cls(teacher, cfg, data, device, seed=seed)
+    """Time the fused and the reference path from the same state, in this run, on this device.
+
+    Both runs start from identical state; their timed steps alternate (fused, reference, reference,
+    fused, ...) so that load on a shared machine hits both alike.
+    """
+    paths = ("fused", "reference")
+    runs = {p: method_cls(teacher, cfg, data, device, seed=seed) for p in paths}
+    first_losses: dict[str, float] = {}
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    peaks: dict[str, float | None] = {p: None for p in paths}
+    used_fused: set[tuple[str, str]] = set()
+
+    def run_step(path: str, i: int) -> float:
         ctx = dispatch.use_backend("reference") if path == "reference" else _NoCtx()
         with ctx, dispatch.record_backends() as used:
-            first_losses[path] = run.step(run.batch(0))["loss"]  # also the warm-up
-            _sync(device)
-            times = []
-
-            def steps() -> None:
-                for i in range(TIMING_STEPS):
-                    t0 = time.perf_counter()
-                    run.step(run.batch(i + 1))
-                    _sync(device)
-                    times.append(time.perf_counter() - t0)
-
-            peak = _peak_mib(device, steps)
-        out[f"step_ms_{path}"] = 1e3 * sorted(times)[len(times) // 2]
-        out[f"peak_mib_{path}"] = peak
+            loss = runs[path].step(runs[path].batch(i))["loss"]
         if path == "fused":
-            out["fused_backends"] = sorted({f"{op}={b}" for op, b in used})
+            used_fused.update(used)
+        return loss
+
+    for p in paths:  # the first step is also the warm-up
+        first_losses[p] = run_step(p, 0)
+        _sync(device)
+    for i in range(TIMING_STEPS):
+        for p in (paths if i % 2 == 0 else paths[::-1]):
+            def timed(p: str = p, i: int = i) -> None:
+                t0 = time.perf_counter()
+                run_step(p, i + 1)
+                _sync(device)
+                times[p].append(time.perf_counter() - t0)
+
+            peak = _peak_mib(device, timed)
+            if peak is not None:
+                peaks[p] = max(peaks[p] or 0.0, peak)
+    out: dict[str, Any] = {}
+    for p in paths:
+        out[f"step_ms_{p}"] = 1e3 * sorted(times[p])[len(times[p]) // 2]
+        out[f"peak_mib_{p}"] = peaks[p]
+    out["fused_backends"] = sorted({f"{op}={b}" for op, b in used_fused})
     f, r = first_losses["fused"], first_losses["reference"]
     out["loss_fused"], out["loss_reference"] = f, r
     out["loss_relative_difference"] = abs(f - r) / max(abs(r), 1e-12)
@@ -175,7 +189,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "teacher": {"description": f"diffusers UNet2DModel, {sum(p.numel() for p in teacher.parameters())} "
                                    f"parameters", "source": source, "sampling_steps": TEACHER_SAMPLING_STEPS},
         "peak_memory_kind": ("the CUDA allocator's peak over the pre-step baseline" if device.type == "cuda"
-                             else "the growth of the process's peak RSS during the timed steps (coarse on CPU)"),
+                             else "not measured on CPU (one process runs both paths, so its peak RSS "
+                                  "cannot be attributed to either)"),
         "methods": {},
     }
     rows = {"teacher": teacher_samples}

@@ -156,7 +156,8 @@ class MomentMatchingDistiller(nn.Module):
             raise ValueError(f"{name}: preconditioner must be 'rms' or 'identity', got {preconditioner!r}")
         if restore not in ("copy", "inverse"):
             raise ValueError(f"{name}: restore must be 'copy' or 'inverse', got {restore!r}")
-        if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))):
+        if guidance_scale is not None and (isinstance(guidance_scale, bool)
+                                           or not isinstance(guidance_scale, (int, float))):
             raise TypeError(f"{name}: guidance_scale must be a number or None")
 
         self.student = student

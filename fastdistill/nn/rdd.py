@@ -47,15 +47,45 @@ class IntraSampleP2PLoss(nn.Module):
                               process_group=self.process_group) * self.factor
 
 
-class _SyncBatchNorm(nn.SyncBatchNorm):
-    """``nn.SyncBatchNorm`` (same parameters and buffers) that also runs on CPU tensors while
-    torch.distributed is initialised (say, gloo tests): there it normalises with local batch statistics,
-    because SyncBatchNorm has no CPU implementation. On GPUs it synchronises as usual."""
+class _SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm with cross-rank statistics, like ``nn.SyncBatchNorm`` (same parameters and buffers, so
+    official checkpoints load), but on any device: in training with an active process group the batch
+    moments are merged over ranks with :func:`fastdistill.distributed.all_reduce_moments` (autograd-aware,
+    Chan's merge). ``nn.SyncBatchNorm`` itself has no CPU kernel and DDP refuses it in a CPU model (gloo);
+    without a group this is plain ``BatchNorm``."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:  # noqa: A002
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
-        if input.device.type == "cpu":
-            return nn.modules.batchnorm._BatchNorm.forward(self, input)
-        return super().forward(input)
+        from ..distributed import WORLD, all_reduce_moments, resolve_group
+
+        group = resolve_group(WORLD) if self.training else None
+        if group is None:
+            return super().forward(input)
+        self._check_input_dim(input)
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        dims = [0] + list(range(2, input.dim()))
+        x = input.float()
+        count = torch.tensor(float(input.numel() // input.shape[1]), device=input.device)
+        mean = x.mean(dims)
+        m2 = (x - mean.view(shape)).square().sum(dims)
+        total, mean, m2 = all_reduce_moments(count, mean, m2, group)
+        var = m2 / total
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = (self.momentum if self.momentum is not None
+                            else 1.0 / float(self.num_batches_tracked))
+                # Unbiased variance for the running estimate, as (Sync)BatchNorm keeps it.
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_((m2 / (total - 1).clamp(min=1)).detach().to(self.running_var.dtype),
+                                       momentum)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(input.dtype)
 
 
 class MemoryP2PLoss(nn.Module):
@@ -84,8 +114,8 @@ class MemoryP2PLoss(nn.Module):
             torch.distributed is initialised; ``None``: local queue update).
 
     State dict: ``project_head.{0,1,3}.*``, ``teacher_pixel_queue`` (M, t_channels) and
-    ``pixel_queue_ptr`` (1,), as officially. ``project_head.1`` is a SyncBatchNorm (on CPU tensors it
-    uses local statistics).
+    ``pixel_queue_ptr`` (1,), as officially. ``project_head.1`` is a batch norm with cross-rank statistics
+    (SyncBatchNorm's parameters and buffers; it works on CPU/gloo too).
     """
 
     def __init__(self, pixel_memory_size: int = 20000, region_memory_size: int = 2000,

@@ -285,7 +285,8 @@ def preconditioned_perturb_(params: TensorList, grads: TensorList, precond: Tens
     element to within one rounding of its old value: ``|theta'' - theta| <= ulp`` at the larger of the
     two magnitudes. Most elements come back bit-exactly (over 99% in fp32 tests), but no in-place scheme
     can guarantee it for all: rounding into a coarser binade maps two neighbouring values to one, and
-    an exact tie rounds to even both ways, so the old value is lost. Keep a copy (as :class:`fastdistill.nn.MomentMatchingDistiller` does by default) where the
+    an exact tie rounds to even both ways, so the old value is lost. Keep a copy (as
+    :class:`fastdistill.nn.MomentMatchingDistiller` does by default) where the
     weights must come back bit for bit; in bf16 one ulp is 2^-8 relative, so repeated perturb/undo
     cycles without a copy drift.
 

@@ -42,9 +42,62 @@ def _check_maps(op: str, student: object, teacher: object, *, same_channels: boo
         raise ValueError(f"{op}: empty feature maps: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}")
 
 
-def pixels(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> L2-normalised pixel rows (B*H*W, C), channels contiguous (one copy, none for
-    channels_last input)."""
+_EPS = 1e-12
+
+
+@torch.library.custom_op("fastdistill::pixel_normalize_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def _pixnorm_fwd_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastdistill.kernels import relational_kl as K
+
+    return K.pixel_normalize_fwd(x, _EPS)
+
+
+@_pixnorm_fwd_op.register_fake
+def _pixnorm_fwd_fake(x):
+    B, C, H, W = x.shape
+    return x.new_empty((B * H * W, C)), x.new_empty((B * H * W,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastdistill::pixel_normalize_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+def _pixnorm_bwd_op(dy: torch.Tensor, y: torch.Tensor, rn: torch.Tensor, shape: list[int],
+                    channels_last: bool) -> torch.Tensor:
+    from fastdistill.kernels import relational_kl as K
+
+    return K.pixel_normalize_bwd(dy, y, rn, shape, channels_last)
+
+
+@_pixnorm_bwd_op.register_fake
+def _pixnorm_bwd_fake(dy, y, rn, shape, channels_last):
+    B, C, H, W = shape
+    if channels_last:
+        return y.new_empty((B, H, W, C)).permute(0, 3, 1, 2)
+    return y.new_empty((B, C, H, W))
+
+
+def _pixnorm_setup(ctx, inputs, output):
+    (x,) = inputs
+    y, rn = output
+    ctx.save_for_backward(y, rn)
+    ctx.shape = list(x.shape)
+    ctx.channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)
+
+
+def _pixnorm_backward(ctx, dy, _drn):
+    y, rn = ctx.saved_tensors
+    return _pixnorm_bwd_op(dy, y, rn, ctx.shape, ctx.channels_last)
+
+
+_pixnorm_fwd_op.register_autograd(_pixnorm_backward, setup_context=_pixnorm_setup)
+
+
+def pixels(x: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+    """(B, C, H, W) -> L2-normalised pixel rows (B*H*W, C), channels contiguous, in x's dtype.
+
+    ``triton``: one fused kernel each way (any input strides). ``reference``: plain PyTorch (a permute
+    copy, then the norm in fp32), differentiated by autograd. Both divide by ``max(||x||, 1e-12)``."""
+    if backend == "triton":
+        return _pixnorm_fwd_op(x)[0]
     B, C = x.shape[:2]
     return l2_normalize(x.permute(0, 2, 3, 1).reshape(B * x.shape[2] * x.shape[3], C))
 
@@ -80,7 +133,7 @@ def fused_rdd_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature:
     backend = dispatch.select_backend(op, student, teacher)
     B, _, H, W = student.shape
     P = H * W
-    s, t = pixels(student), pixels(teacher)
+    s, t = pixels(student, backend), pixels(teacher, backend)
     scale = 1.0 / float(temperature)
     if pairs == "all":
         s4, t4 = s.view(1, 1, B * P, -1), t.view(1, 1, B * P, -1)
@@ -137,7 +190,7 @@ def memory_p2p_loss(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Te
                 raise ValueError(f"{op}: index values must lie in [0, {bank.shape[0]}); got range [{lo}, {hi}]")
         index = index.to(torch.int64).contiguous()
     backend = dispatch.select_backend(op, student, teacher, bank)
-    s, t = pixels(student), pixels(teacher.detach())
+    s, t = pixels(student, backend), pixels(teacher.detach(), backend)
     bank4 = bank.detach().unsqueeze(0).unsqueeze(0)
     scale = 1.0 / (float(temperature) * float(kd_temperature))
     kl = relational_kl_core(s.unsqueeze(0).unsqueeze(0), bank4, t.unsqueeze(0).unsqueeze(0), bank4,

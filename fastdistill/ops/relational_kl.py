@@ -112,7 +112,7 @@ def _nseg(k_s: torch.Tensor, k_index: Optional[torch.Tensor], S: int) -> int:
     return M // S
 
 
-@torch.library.custom_op("fastdistill::relational_kl_fwd", mutates_args=())
+@torch.library.custom_op("fastdistill::relational_kl_fwd", mutates_args=(), device_types=("cpu", "cuda"))
 def _fwd_op(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
             k_index: Optional[torch.Tensor], scale_s: float, scale_t: float, segment_size: int,
             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,7 +130,7 @@ def _fwd_fake(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size, backe
             q_s.new_empty(shape, dtype=torch.float32))
 
 
-@torch.library.custom_op("fastdistill::relational_kl_bwd", mutates_args=())
+@torch.library.custom_op("fastdistill::relational_kl_bwd", mutates_args=(), device_types=("cpu", "cuda"))
 def _bwd_op(dkl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
             k_index: Optional[torch.Tensor], lse_s: torch.Tensor, lse_t: torch.Tensor, scale_s: float,
             scale_t: float, segment_size: int, need_dq: bool, need_dk: bool,
