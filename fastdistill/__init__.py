@@ -51,3 +51,8 @@ __all__ += ["ddim_step", "progressive_distillation_target", "pd_loss", "boot_los
 # --- distributed ---
 from . import distributed  # noqa: E402
 __all__ += ["distributed"]
+
+# Drop-in modules (``fastdistill.nn.MultiStudent`` works after ``import fastdistill``).
+from . import nn  # noqa: E402
+
+__all__ += ["nn"]

@@ -92,7 +92,7 @@ def _print_info(info: dict[str, Any]) -> None:
     if info["ops"]:
         w("ops         (backends in preference order; runnable on cpu / cuda here)\n")
         for name, op in info["ops"].items():
-            w(f"  {name:<28} {','.join(op['backends']):<30} cpu: {','.join(op['runs_on_cpu'])}"
+            w(f"  {name:<32} {','.join(op['backends']):<30} cpu: {','.join(op['runs_on_cpu'])}"
               f"   cuda: {','.join(op['runs_on_cuda']) or '-'}\n")
 
 

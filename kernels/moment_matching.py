@@ -35,12 +35,12 @@ def _grid_rows(B: int, D: int, block: int = BLOCK):
 # ----------------------------------------------------------------------------- posterior sample
 
 @triton.jit
-def _posterior_coefs(at_ptr, st_ptr, as_ptr, ss_ptr, b, MODE: tl.constexpr):
-    """(c_z, c_x, std) of z_s = c_z z_t + c_x x + std * noise for sample b (fp32)."""
-    alpha_t = tl.load(at_ptr + b)
-    sigma_t = tl.load(st_ptr + b)
-    alpha_s = tl.load(as_ptr + b)
-    sigma_s = tl.load(ss_ptr + b)
+def _posterior_coefs(at_ptr, st_ptr, as_ptr, ss_ptr, b, MODE: tl.constexpr, ACC: tl.constexpr):
+    """(c_z, c_x, std) of z_s = c_z z_t + c_x x + std * noise for sample b (fp32; fp64 for fp64 inputs)."""
+    alpha_t = tl.load(at_ptr + b).to(ACC)
+    sigma_t = tl.load(st_ptr + b).to(ACC)
+    alpha_s = tl.load(as_ptr + b).to(ACC)
+    sigma_s = tl.load(ss_ptr + b).to(ACC)
     if MODE == 0:  # ancestral: the Gaussian posterior q(z_s | z_t, x)
         a_ts = alpha_t / alpha_s
         var_t = sigma_t * sigma_t
@@ -58,31 +58,32 @@ def _posterior_coefs(at_ptr, st_ptr, as_ptr, ss_ptr, b, MODE: tl.constexpr):
 
 @triton.jit
 def _posterior_fwd_kernel(z_ptr, x_ptr, out_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, D, seed,
-                          MODE: tl.constexpr, BLOCK: tl.constexpr):
+                          MODE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     d = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = d < D
     offs = b * D + d
-    c_z, c_x, std = _posterior_coefs(at_ptr, st_ptr, as_ptr, ss_ptr, b, MODE)
-    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    c_z, c_x, std = _posterior_coefs(at_ptr, st_ptr, as_ptr, ss_ptr, b, MODE, ACC)
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     out = c_z * z + c_x * x
     if MODE == 0:
-        out += std * tl.randn(seed, offs)
+        out += std * tl.randn(seed, offs).to(ACC)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _posterior_bwd_kernel(g_ptr, gx_ptr, gz_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, D,
-                          MODE: tl.constexpr, NEED_X: tl.constexpr, NEED_Z: tl.constexpr, BLOCK: tl.constexpr):
+                          MODE: tl.constexpr, NEED_X: tl.constexpr, NEED_Z: tl.constexpr, ACC: tl.constexpr,
+                          BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     d = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = d < D
     offs = b * D + d
-    c_z, c_x, std = _posterior_coefs(at_ptr, st_ptr, as_ptr, ss_ptr, b, MODE)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    c_z, c_x, std = _posterior_coefs(at_ptr, st_ptr, as_ptr, ss_ptr, b, MODE, ACC)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
     if NEED_X:
         tl.store(gx_ptr + offs, (c_x * g).to(gx_ptr.dtype.element_ty), mask=mask)
     if NEED_Z:
@@ -96,7 +97,9 @@ def posterior_fwd(z: torch.Tensor, x: torch.Tensor, at: torch.Tensor, st: torch.
     out = _alloc.empty(z.shape, dtype=out_dtype, device=z.device)
     if z.numel() == 0:
         return out
-    _posterior_fwd_kernel[_grid_rows(B, D)](z, x, out, at, st, as_, ss, D, seed, MODE=mode, BLOCK=BLOCK,
+    wide = torch.float64 in (z.dtype, x.dtype)
+    _posterior_fwd_kernel[_grid_rows(B, D)](z, x, out, at, st, as_, ss, D, seed, MODE=mode,
+                                           ACC=tl.float64 if wide else tl.float32, BLOCK=BLOCK,
                                            num_warps=NUM_WARPS)
     return out
 
@@ -111,7 +114,9 @@ def posterior_bwd(g: torch.Tensor, at: torch.Tensor, st: torch.Tensor, as_: torc
         return gx, gz
     _posterior_bwd_kernel[_grid_rows(B, D)](g, gx if gx is not None else g, gz if gz is not None else g,
                                            at, st, as_, ss, D, MODE=mode, NEED_X=gx is not None,
-                                           NEED_Z=gz is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                           NEED_Z=gz is not None,
+                                           ACC=tl.float64 if g.dtype == torch.float64 else tl.float32,
+                                           BLOCK=BLOCK, num_warps=NUM_WARPS)
     return gx, gz
 
 
@@ -154,12 +159,12 @@ def _mm_loss_kernel(p_ptr, a_ptr, t_ptr, u_ptr, w_ptr, g_ptr, grad_ptr, partial_
 
 
 @triton.jit
-def _scale_kernel(src_ptr, go_ptr, out_ptr, N, BLOCK: tl.constexpr):
+def _scale_kernel(src_ptr, go_ptr, out_ptr, N, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """out = src * go (go read from device memory: no host sync for the upstream gradient)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    go = tl.load(go_ptr).to(tl.float32)
-    x = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    go = tl.load(go_ptr).to(ACC)
+    x = tl.load(src_ptr + offs, mask=mask, other=0.0).to(ACC)
     tl.store(out_ptr + offs, (x * go).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -191,7 +196,8 @@ def scale(src: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
     N = src.numel()
     if N == 0:
         return out
-    _scale_kernel[(triton.cdiv(N, BLOCK),)](src, go, out, N, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    acc = tl.float64 if torch.float64 in (src.dtype, go.dtype) else tl.float32
+    _scale_kernel[(triton.cdiv(N, BLOCK),)](src, go, out, N, ACC=acc, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
 

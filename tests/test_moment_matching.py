@@ -62,6 +62,29 @@ def test_posterior_sample_matches_reference(backend, dtype, mode, shape):
     _check(fn, ref, [z, x], dtype=dtype, backend=backend)
 
 
+@pytest.mark.parametrize("backend", _backends("posterior_sample"))
+def test_float64_inputs_are_computed_in_float64(backend):
+    gen = testing.generator()
+    z = testing.randn(3, 40, dtype=torch.float64, gen=gen)
+    x = testing.randn(3, 40, dtype=torch.float64, gen=gen, requires_grad=True)
+    xa, xt = testing.randn(3, 40, dtype=torch.float64, gen=gen), testing.randn(3, 40, dtype=torch.float64, gen=gen)
+    coefs = _schedule(3, gen)
+    with fastdistill.use_backend(backend):
+        ddim = fastdistill.posterior_sample(z, x, *coefs, mode="ddim")
+        anc = fastdistill.posterior_sample(z, x, *coefs, seed=9)
+        loss = fastdistill.moment_matching_loss(x, xa, xt) + fastdistill.auxiliary_denoiser_loss(x, xa, xt)
+    assert ddim.dtype == anc.dtype == loss.dtype == torch.float64
+    testing.assert_close(ddim, mm.posterior_sample_reference(z, x, *coefs, mode="ddim"), rtol=1e-12)
+    # the noise is fp32 (a few ulps of the transcendental functions apart between backends)
+    testing.assert_close(anc, mm.posterior_sample_reference(z, x, *coefs, seed=9), rtol=1e-6)
+    want = mm.moment_matching_loss_reference(x, xa, xt, torch.ones(3)) + \
+        mm.auxiliary_denoiser_loss_reference(x, xa, xt, 1.0, torch.ones(3))
+    testing.assert_close(loss, want, rtol=1e-12)
+    (got,) = torch.autograd.grad(loss * 0.3, x)
+    (exp,) = torch.autograd.grad(want * 0.3, x)
+    testing.assert_close(got, exp, rtol=1e-12)
+
+
 def test_same_seed_same_noise_on_every_backend_and_generator_reproducible():
     gen = testing.generator()
     z = testing.randn(4, 3, 50, gen=gen)
@@ -260,7 +283,7 @@ def test_moment_statistics_keepdim_and_shapes(backend):
     x = torch.randn(2, 3, 4, 5)
     with fastdistill.use_backend(backend):
         m, v = fastdistill.moment_statistics(x, dims=(0, 2, 3), keepdim=True, process_group=None)
-        m2, v2 = fastdistill.moment_statistics(x, dims=(1, 3), process_group=None)
+        m2, v2 = fastdistill.moment_statistics(x, dims=(1, 3))  # default group: local when not distributed
     assert m.shape == (1, 3, 1, 1) and v.shape == (1, 3, 1, 1)
     assert m2.shape == (2, 4) and v2.shape == (2, 4)
     testing.assert_close(v2, x.double().var(dim=(1, 3), correction=0), rtol=1e-5)

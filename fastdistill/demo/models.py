@@ -68,8 +68,11 @@ def train_teacher(cfg: TeacherConfig, data: torch.Tensor, device: torch.device,
     sched = build_scheduler(cfg)
     acp = sched.alphas_cumprod.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.train_steps, 1),
-                                                   pct_start=0.1)
+    if cfg.train_steps >= 20:
+        lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.train_steps,
+                                                       pct_start=0.1)
+    else:  # OneCycle needs a few steps per phase; very short runs (tests) use a constant rate
+        lr_sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
     model.train()
     for step in range(cfg.train_steps):
         idx = torch.randint(0, data.shape[0], (cfg.batch_size,), generator=gen)
