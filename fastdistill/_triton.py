@@ -7,19 +7,24 @@ be switched on with ``TRITON_INTERPRET=1`` *before* triton is first imported (th
 
 from __future__ import annotations
 
-import functools
 import os
 
+# Cached by hand rather than with functools.lru_cache: torch.compile traces dispatch through here and
+# warns about lru_cache wrappers; a module global is a plain constant to it.
+_IMPORT_ERROR: list[str | None] = []
 
-@functools.lru_cache(maxsize=None)
+
 def import_error() -> str | None:
-    """Why ``import triton`` fails, or None when it works."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising something else
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    """Why ``import triton`` fails, or None when it works (checked once per process)."""
+    if not _IMPORT_ERROR:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install raising something else
+            _IMPORT_ERROR.append(f"{type(exc).__name__}: {exc}")
+        else:
+            _IMPORT_ERROR.append(None)
+    return _IMPORT_ERROR[0]
 
 
 def available() -> bool:

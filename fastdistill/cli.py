@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import sys
@@ -123,6 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo.models import DemoError
         from .demo.runner import run as run_demo
 
+        missing = [m for m in ("diffusers", "sklearn", "matplotlib", "tqdm")
+                   if importlib.util.find_spec(m) is None]
+        if missing:
+            sys.stderr.write(f"fastdistill demo: error: needs {', '.join(missing)}; install them with "
+                             f"pip install 'fastdistill[demo]' (or the packages themselves)\n")
+            return 1
         try:
             report = run_demo(args)
         except DemoError as exc:

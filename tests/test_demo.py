@@ -88,3 +88,14 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "fastdistill", "demo", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     assert "--method" in out.stdout and "--steps" in out.stdout
+
+
+def test_missing_demo_dependencies_name_the_extra(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    rc = main(["demo", "--steps", "1", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "sklearn" in err and "fastdistill[demo]" in err

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "adv_kd.py"
+from _examples import final_line, run_example, step_lines
+
 FINAL = re.compile(r"^final: d_loss (\S+) -> (\S+), g_loss (\S+) -> (\S+), mse to teacher (\S+) -> (\S+), "
                    r"backend (\w+), (\S+) s$")
 
 
 def test_adv_kd_example_tiny_cli():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    finals = [FINAL.match(line) for line in proc.stdout.splitlines() if line.startswith("final:")]
-    assert len(finals) == 1 and finals[0] is not None, out[-2000:]
-    values = [float(v) for v in finals[0].groups()[:6]]
+    proc = run_example("adv_kd.py", "--tiny", "--device", "cpu", timeout=300)
+    final = final_line(proc, FINAL)
+    values = [float(v) for v in final.groups()[:6]]
     assert all(math.isfinite(v) for v in values), values
     assert values[0] > 0 and values[2] > 0  # softplus losses (+ GP) are positive
-    assert finals[0][7] in ("reference", "triton")
-    assert len([line for line in proc.stdout.splitlines() if line.startswith("step ")]) == 8
+    assert final[7] in ("reference", "triton")
+    assert len(step_lines(proc)) == 8

@@ -5,24 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
+from _examples import example_env, run_example
 
 pytest.importorskip("diffusers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_example_attention_distill_tiny_runs_and_learns():
-    env = dict(os.environ)
-    env.pop("FASTDISTILL_BACKEND", None)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "attention_distill.py"), "--tiny",
-                           "--device", "cpu", "--steps", "6"],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = run_example("attention_distill.py", "--tiny", "--device", "cpu", "--steps", "6", env=example_env())
     last = proc.stdout.strip().splitlines()[-1]
     summary = json.loads(last)["summary"]
     assert summary["steps"] == 6 and summary["layers"] == 4

@@ -5,14 +5,10 @@ from __future__ import annotations
 import math
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from _examples import ROOT, run_example
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "ddp_rdd.py"
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # two torchrun launches, ~20-40 s each
 
 LINE = re.compile(r"rank (\d+)/(\d+) step (\d+) loss (\S+) \(rdd ([^,]+), memory ([^,]+), mse ([^)]+)\)")
@@ -23,12 +19,9 @@ def _torchrun(*extra: str, steps: int = 3) -> str:
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     # --standalone: a private rendezvous on a free port, so parallel runs do not clash
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(SCRIPT), "--tiny", "--cpu", "--steps", str(steps), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{out[-6000:]}"
-    return out
+    proc = run_example("ddp_rdd.py", "--tiny", "--cpu", "--steps", str(steps), *extra, env=env, timeout=300,
+                       launcher=("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"))
+    return proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("mode", ["ddp", "accelerate"])

@@ -4,21 +4,14 @@ through a DDIMPipeline whose unet is the MultiStudent works."""
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _examples import example_env, run_example
 
 
 def test_example_o2mkd_tiny_runs_and_learns():
-    env = dict(os.environ)
-    env.pop("FASTDISTILL_BACKEND", None)
-    cmd = [sys.executable, os.path.join(ROOT, "examples", "o2mkd.py"), "--tiny", "--device", "cpu",
-           "--students", "2", "--steps", "10", "--sampling-steps", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = run_example("o2mkd.py", "--tiny", "--device", "cpu", "--students", "2", "--steps", "10",
+                       "--sampling-steps", "2", env=example_env())
     m = re.search(r"final: o2mkd ([\d.eE+-]+) -> ([\d.eE+-]+), students (\d+), fused (\w+), backend (\w+), "
                   r"sample_mse ([\d.eE+-]+)", proc.stdout)
     assert m, proc.stdout[-2000:]

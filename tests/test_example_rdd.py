@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _examples import example_env, run_example
 
 
 def test_example_rdd_tiny_runs_and_learns():
-    env = dict(os.environ)
-    env.pop("FASTDISTILL_BACKEND", None)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "rdd.py"), "--tiny", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = run_example("rdd.py", "--tiny", "--device", "cpu", env=example_env())
     m = re.search(r"final: rdd ([\d.eE+-]+) -> ([\d.eE+-]+), mse ([\d.eE+-]+) -> ([\d.eE+-]+), backend (\w+)",
                   proc.stdout)
     assert m, proc.stdout[-2000:]

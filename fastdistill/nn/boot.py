@@ -9,18 +9,12 @@ from torch import Tensor, nn
 
 from ..ops.boot import boot_loss
 from ..ops.diffusion_steps import PREDICTION_TYPES, _schedule
+from ._outputs import model_output
 
 
 def _unwrap(out: Any) -> Tensor:
-    """Model outputs as a tensor: diffusers' ``UNet2DOutput`` (``.sample``), a tuple, or a tensor."""
-    if isinstance(out, Tensor):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    raise TypeError(f"BootDistiller: model returned {type(out).__name__}; expected a tensor, a tuple or "
-                    f"an object with .sample")
+    """Model outputs as a tensor (see :func:`model_output`)."""
+    return model_output(out, "BootDistiller")
 
 
 class BootDistiller(nn.Module):

@@ -36,21 +36,11 @@ from torch import Tensor, nn
 
 from ..ops.moment_matching import auxiliary_denoiser_loss, moment_matching_loss, posterior_sample
 from ..ops.multi_tensor import moment_dot, preconditioned_perturb_
+from ._outputs import model_output
 
 __all__ = ["MomentMatchingDistiller"]
 
 _PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-
-
-def _model_output(out: Any) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    raise TypeError(f"MomentMatchingDistiller: cannot read a prediction from a model output of type "
-                    f"{type(out).__name__}")
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -218,7 +208,7 @@ class MomentMatchingDistiller(nn.Module):
 
     def x_prediction(self, model: nn.Module, z: Tensor, t: Tensor, cond: dict[str, Any] | None = None) -> Tensor:
         """``model(z, t, **cond)`` converted to an x-prediction (fp32, or fp64 for an fp64 model)."""
-        out = _wide(_model_output(model(z.to(_model_dtype(model)), t, **(cond or {}))))
+        out = _wide(model_output(model(z.to(_model_dtype(model)), t, **(cond or {})), "MomentMatchingDistiller"))
         a, s = _bcast(self.alphas[t], z), _bcast(self.sigmas[t], z)
         zf = _wide(z)
         if self.prediction_type == "epsilon":

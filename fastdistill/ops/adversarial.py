@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .._validation import check_positive, check_same_device, check_same_shape, check_tensor
-from .diffusion_steps import _as_rows, bcast, check_batched, compute_dtype, reject_float64_on_triton
+from .._validation import check_positive, check_same_device, check_tensor
+from .diffusion_steps import _as_rows, bcast, check_batched, check_batched_pair, compute_dtype, reject_float64_on_triton
 
 dispatch.register_op("gradient_penalty", ["triton"])
 dispatch.register_op("adversarial_losses", ["triton"])
@@ -87,10 +87,7 @@ def gan_interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None, *,
     backend, seeded from torch's RNG or ``generator``). Differentiable w.r.t. ``real`` and ``fake``.
     """
     op = "gradient_penalty"
-    check_batched(op, "real", real)
-    check_tensor(op, "fake", fake)
-    check_same_shape(op, real=real, fake=fake)
-    device = check_same_device(op, real=real, fake=fake)
+    device = check_batched_pair(op, ("real", real), ("fake", fake))
     B = real.shape[0]
     if alpha is not None:
         check_tensor(op, "alpha", alpha)

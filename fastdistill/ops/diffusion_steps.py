@@ -61,6 +61,16 @@ def check_batched(op: str, name: str, t: Any) -> Tensor:
     return t
 
 
+def check_batched_pair(op: str, first: tuple[str, Any], second: tuple[str, Any]) -> torch.device:
+    """``first`` (name, value) is a batched floating tensor and ``second`` a floating tensor of the same
+    shape on the same device; returns that device."""
+    (n1, t1), (n2, t2) = first, second
+    check_batched(op, n1, t1)
+    check_tensor(op, n2, t2)
+    check_same_shape(op, **{n1: t1, n2: t2})
+    return check_same_device(op, **{n1: t1, n2: t2})
+
+
 def per_sample(op: str, name: str, value: Any, batch: int, device: torch.device) -> Tensor:
     """A per-sample coefficient (number, 0-d or (B,) tensor) -> (B,) float tensor on ``device``.
 
@@ -296,10 +306,7 @@ def ddim_step(x_t: Tensor, model_output: Tensor, timesteps: Tensor | int, prev_t
         Differentiable with respect to ``x_t`` and ``model_output`` (the schedule is a constant).
     """
     op = "ddim_step"
-    check_batched(op, "x_t", x_t)
-    check_tensor(op, "model_output", model_output)
-    check_same_shape(op, x_t=x_t, model_output=model_output)
-    device = check_same_device(op, x_t=x_t, model_output=model_output)
+    device = check_batched_pair(op, ("x_t", x_t), ("model_output", model_output))
     check_choice(op, "prediction_type", prediction_type, PREDICTION_TYPES)
     ac, final = _schedule(op, alphas_cumprod, final_alpha_cumprod, device)
     B = x_t.shape[0]
@@ -410,10 +417,7 @@ def progressive_distillation_target(z_t: Tensor, z_target: Tensor, alpha_t: Tens
         respect to ``z_t`` and ``z_target`` (the coefficients are constants).
     """
     op = "progressive_distillation_target"
-    check_batched(op, "z_t", z_t)
-    check_tensor(op, "z_target", z_target)
-    check_same_shape(op, z_t=z_t, z_target=z_target)
-    device = check_same_device(op, z_t=z_t, z_target=z_target)
+    device = check_batched_pair(op, ("z_t", z_t), ("z_target", z_target))
     B = z_t.shape[0]
     at, st, as_, ss = (per_sample(op, n, v, B, device) for n, v in
                        (("alpha_t", alpha_t), ("sigma_t", sigma_t), ("alpha_s", alpha_s), ("sigma_s", sigma_s)))
