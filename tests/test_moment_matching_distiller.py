@@ -158,6 +158,23 @@ def test_student_sampler_runs_k_steps():
     assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
 
 
+def test_clip_sample_bounds_every_x_prediction():
+    teacher = _unet(0)
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    free = MomentMatchingDistiller(copy.deepcopy(teacher), teacher, scheduler=sched, num_student_steps=2)
+    clipped = MomentMatchingDistiller(copy.deepcopy(teacher), teacher, scheduler=sched, num_student_steps=2,
+                                      clip_sample=1.0)
+    z, t = torch.randn(3, 3, 8, 8), torch.tensor([999, 500, 10])
+    x_free = free.x_prediction(free.student, z, t)
+    x_clip = clipped.x_prediction(clipped.student, z, t)
+    assert x_free.abs().max() > 10  # alpha_T ~ 0: the unclamped x-prediction at T-1 is huge
+    torch.testing.assert_close(x_clip, x_free.clamp(-1, 1))
+    out = clipped.sample(torch.randn(2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert out.abs().max() <= 1
+    with pytest.raises(ValueError, match="clip_sample must be a number > 0"):
+        MomentMatchingDistiller(copy.deepcopy(teacher), teacher, scheduler=sched, clip_sample=0.0)
+
+
 def test_bad_arguments_are_clear_errors():
     teacher = _unet(0)
     student = copy.deepcopy(teacher)

@@ -180,7 +180,7 @@ class MomentMatching(DistillMethod):
         super().__init__(*args, **kwargs)
         self.distiller = fdnn.MomentMatchingDistiller(self.student, self.teacher, variant="alternating",
                                                       scheduler=self.scheduler,
-                                                      num_student_steps=self.sampling_steps)
+                                                      num_student_steps=self.sampling_steps, clip_sample=1.0)
         self.distiller.aux.requires_grad_(True).train()
         self.opt_aux = torch.optim.AdamW(self.distiller.aux.parameters(), lr=self.lr, weight_decay=0.0)
 

@@ -88,6 +88,10 @@ class MomentMatchingDistiller(nn.Module):
         restore: parameter variant: ``"copy"`` (keep a copy of the teacher weights and copy it back:
             bit-exact, one extra weight-sized buffer) or ``"inverse"`` (perturb again with ``-eps``:
             no buffer, each element within one ulp; see :func:`fastdistill.preconditioned_perturb_`).
+        clip_sample: clamp every x-prediction to ``[-clip_sample, clip_sample]`` (diffusers' ``clip_sample``;
+            None: no clamp). Use 1.0 for data in [-1, 1] when an epsilon-prediction schedule has alpha_T
+            near 0 (e.g. ``squaredcos_cap_v2``): there ``(z - sigma eps) / alpha`` at the top grid time
+            ``T - 1`` is unbounded. The clamp passes no gradient to clamped elements.
 
     Call :meth:`student_loss` (and, alternating, :meth:`aux_loss` on alternate steps) and optimise
     ``distiller.student.parameters()`` (and ``distiller.aux.parameters()``). ``last_stats`` holds
@@ -100,7 +104,7 @@ class MomentMatchingDistiller(nn.Module):
                  teacher_weight: float = 1.0, guidance_scale: float | None = None,
                  weighting: Callable[[Tensor, Tensor], Tensor] | None = None, perturb_step: float = 1e-3,
                  preconditioner: str = "rms", precond_beta: float = 0.999, precond_eps: float = 1e-8,
-                 restore: str = "copy") -> None:
+                 restore: str = "copy", clip_sample: float | None = None) -> None:
         super().__init__()
         name = "MomentMatchingDistiller"
         for arg, value in (("student", student), ("teacher", teacher)):
@@ -168,6 +172,9 @@ class MomentMatchingDistiller(nn.Module):
         self.precond_beta = float(precond_beta)
         self.precond_eps = float(precond_eps)
         self.restore = restore
+        if clip_sample is not None and not (isinstance(clip_sample, (int, float)) and clip_sample > 0):
+            raise ValueError(f"{name}: clip_sample must be a number > 0 or None, got {clip_sample!r}")
+        self.clip_sample = None if clip_sample is None else float(clip_sample)
         self.num_train_timesteps = T
         self.stride = T // num_student_steps
         self.register_buffer("alphas", abar.sqrt().float(), persistent=False)
@@ -212,10 +219,12 @@ class MomentMatchingDistiller(nn.Module):
         a, s = _bcast(self.alphas[t], z), _bcast(self.sigmas[t], z)
         zf = _wide(z)
         if self.prediction_type == "epsilon":
-            return (zf - s * out) / a
-        if self.prediction_type == "v_prediction":
-            return a * zf - s * out
-        return out
+            x = (zf - s * out) / a
+        elif self.prediction_type == "v_prediction":
+            x = a * zf - s * out
+        else:
+            x = out
+        return x if self.clip_sample is None else x.clamp(-self.clip_sample, self.clip_sample)
 
     def _teacher_x(self, z: Tensor, s: Tensor, cond: dict, uncond: dict | None) -> tuple[Tensor, Tensor | None]:
         x = self.x_prediction(self.teacher, z, s, cond)
