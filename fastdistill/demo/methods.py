@@ -212,18 +212,27 @@ class MomentMatching(DistillMethod):
 
 class Boot(DistillMethod):
     """BOOT: data-free; the student learns to map noise straight to the teacher's DDIM trajectory
-    (``BootDistiller``), and samples in one step. No training images are used."""
+    (``BootDistiller``), and samples in one step. No training images are used.
+
+    The demo teacher's cosine schedule has alpha ~ 0 at t = 999, where the teacher's x-prediction from
+    pure noise is unbounded; the trajectory is therefore distilled from t = 900 (alpha ~ 0.16), with the
+    boundary condition x_900 = noise, by giving the distiller the schedule up to t = 900.
+    """
 
     name = "boot"
     sampling_steps = 1
+    lr = 5e-4
+    top_timestep = 900
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.distiller = fdnn.BootDistiller(self.student, self.teacher, self.scheduler,
-                                            step_size=self.cfg.num_train_timesteps // 16)
+        schedule = self.scheduler.alphas_cumprod[: self.top_timestep + 1]
+        self.distiller = fdnn.BootDistiller(self.student, self.teacher, schedule,
+                                            prediction_type=self.cfg.prediction_type,
+                                            step_size=self.top_timestep // 16)
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        dt, T = self.distiller.step_size, self.cfg.num_train_timesteps
+        dt, T = self.distiller.step_size, self.distiller.num_timesteps
         t = dt + (batch["u"] * (T - dt)).long().clamp_(max=T - dt - 1)
         loss = self.distiller.loss(batch["noise"], t)
         self._optimize(loss)
