@@ -371,6 +371,19 @@ def _loss_intra_sample_p2p(rank: int, world: int) -> dict[str, Any]:
     return _ddp_vs_full_batch(rank, world, _map_model, x, [teacher], loss_of)
 
 
+def _loss_synced_batch_norm(rank: int, world: int) -> dict[str, Any]:
+    """MemoryP2PLoss's head batch norm: statistics merged over ranks, gradients through the merge."""
+    from fastdistill.nn.rdd import _SyncBatchNorm
+
+    def loss_of(feat, extras, group):
+        bn = _SyncBatchNorm(feat.shape[1], affine=False, process_group=group).train()
+        return fastdistill.fused_rdd_loss(bn(feat), extras[0], temperature=0.5, process_group=group)
+
+    x = _full_inputs(33, WORLD * B, 3, H, W_)
+    teacher = _full_inputs(34, WORLD * B, 5, H, W_).relu()
+    return _ddp_vs_full_batch(rank, world, _map_model, x, [teacher], loss_of)
+
+
 def _moments_of(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, var) from moment_statistics' result, whether a tuple or a named result."""
     if isinstance(out, tuple) and len(out) >= 2:
@@ -581,6 +594,7 @@ GROUPS: dict[str, list[tuple[str, Callable[[int, int], Any]]]] = {
         ("fused_rdd_loss", _loss_fused_rdd),
         ("fused_rdd_loss_bf16", _loss_fused_rdd_bf16),
         ("IntraSampleP2PLoss", _loss_intra_sample_p2p),
+        ("synced_batch_norm", _loss_synced_batch_norm),
         ("moment_statistics", _loss_moment_statistics),
         ("segment_mse", _loss_segment_mse),
         ("segment_mse_uneven", _loss_segment_mse_uneven),
@@ -716,7 +730,8 @@ def test_all_reduce_moments_matches_single_process(spawned):
 # tests: every cross-sample loss under DDP
 
 
-LOSSES = ["primitive_relational", "primitive_moments", "relational_kl", "fused_rdd_loss_bf16", "fused_rdd_loss", "IntraSampleP2PLoss", "moment_statistics", "segment_mse"]
+LOSSES = ["primitive_relational", "primitive_moments", "relational_kl", "fused_rdd_loss_bf16", "fused_rdd_loss", "IntraSampleP2PLoss", "synced_batch_norm", "moment_statistics",
+          "segment_mse"]
 
 
 @pytest.mark.parametrize("loss", LOSSES)

@@ -393,3 +393,23 @@ def test_opcheck_pixel_normalize():
     assert g.is_contiguous(memory_format=torch.channels_last)
     ref = F.normalize(x.detach().permute(0, 2, 3, 1).reshape(-1, 5), dim=1)
     testing.assert_close(y, ref, rtol=1e-6)
+
+
+def test_projection_head_batch_norm_is_batchnorm_without_a_group_and_keeps_syncbn_state():
+    from fastdistill.nn.rdd import _SyncBatchNorm
+
+    torch.manual_seed(0)
+    ours, ref = _SyncBatchNorm(7), torch.nn.BatchNorm2d(7)
+    assert set(ours.state_dict()) == set(torch.nn.SyncBatchNorm(7).state_dict())
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, 5, 4, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    for mode in ("train", "eval"):
+        ours.train(mode == "train")
+        ref.train(mode == "train")
+        y, y_ref = ours(x), ref(x_ref)
+        torch.testing.assert_close(y, y_ref)
+        g = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x_ref, g)[0])
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)

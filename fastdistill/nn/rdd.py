@@ -9,6 +9,8 @@ and every cross-rank gather is optional (local when torch.distributed is not ini
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,16 +54,20 @@ class _SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     official checkpoints load), but on any device: in training with an active process group the batch
     moments are merged over ranks with :func:`fastdistill.distributed.all_reduce_moments` (autograd-aware,
     Chan's merge). ``nn.SyncBatchNorm`` itself has no CPU kernel and DDP refuses it in a CPU model (gloo);
-    without a group this is plain ``BatchNorm``."""
+    without a group (``process_group=None``, or no initialised torch.distributed) this is plain ``BatchNorm``."""
+
+    def __init__(self, num_features: int, *args: Any, process_group: Any = WORLD, **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.process_group = process_group
 
     def _check_input_dim(self, input: torch.Tensor) -> None:  # noqa: A002
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
-        from ..distributed import WORLD, all_reduce_moments, resolve_group
+        from ..distributed import all_reduce_moments, resolve_group
 
-        group = resolve_group(WORLD) if self.training else None
+        group = resolve_group(self.process_group) if self.training else None
         if group is None:
             return super().forward(input)
         self._check_input_dim(input)
@@ -136,7 +142,7 @@ class MemoryP2PLoss(nn.Module):
         # Same construction order as the official class, so a seeded build draws the same weights and queue.
         self.project_head = nn.Sequential(
             nn.Conv2d(s_channels, t_channels, 1, bias=False),
-            _SyncBatchNorm(t_channels),
+            _SyncBatchNorm(t_channels, process_group=process_group),
             nn.ReLU(True),
             nn.Conv2d(t_channels, t_channels, 1, bias=False),
         )
