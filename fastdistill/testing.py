@@ -35,20 +35,34 @@ TOLERANCES: dict[torch.dtype, float] = {
 #: Sizes that are not multiples of any block size used in fastdistill's kernels (and 1).
 AWKWARD_SIZES: tuple[int, ...] = (1, 3, 7, 17, 33, 67, 130)
 
-_LAST_SEED: list[int] = [0]
+# One base seed per test; every draw in the test takes the next seed of a sequence derived from it, so
+# pinning the base (FASTDISTILL_TEST_SEED) replays every draw of a failing test exactly.
+_TEST_SEED: list[int | None] = [None]
+_DRAWS: list[int] = [0]
+
+
+def start_test_seed() -> int:
+    """Begin a test: a fresh base seed (or ``FASTDISTILL_TEST_SEED``). The test suite calls it per test."""
+    pinned = os.environ.get("FASTDISTILL_TEST_SEED")
+    _TEST_SEED[0] = int(pinned) if pinned else secrets.randbits(31)
+    _DRAWS[0] = 0
+    return _TEST_SEED[0]
 
 
 def new_seed() -> int:
-    """A fresh seed for this draw (``FASTDISTILL_TEST_SEED`` pins it); remembered for error messages."""
-    pinned = os.environ.get("FASTDISTILL_TEST_SEED")
-    seed = int(pinned) if pinned else secrets.randbits(31)
-    _LAST_SEED[0] = seed
+    """The next seed of the current test's sequence (deterministic given :func:`last_seed`)."""
+    if _TEST_SEED[0] is None:
+        start_test_seed()
+    seed = (_TEST_SEED[0] + 1_000_003 * _DRAWS[0]) % (1 << 31)
+    _DRAWS[0] += 1
     return seed
 
 
 def last_seed() -> int:
-    """The seed of the most recent :func:`generator` / :func:`new_seed` draw."""
-    return _LAST_SEED[0]
+    """The current test's base seed: ``FASTDISTILL_TEST_SEED=<it>`` reproduces all of its draws."""
+    if _TEST_SEED[0] is None:
+        start_test_seed()
+    return _TEST_SEED[0]  # type: ignore[return-value]
 
 
 def generator(device: torch.device | str = "cpu") -> torch.Generator:

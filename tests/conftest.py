@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastdistill import _alloc
-from fastdistill.testing import last_seed
+from fastdistill.testing import last_seed, start_test_seed
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -16,6 +16,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _test_seed():
+    """A fresh base seed per test (printed on failure; FASTDISTILL_TEST_SEED pins it)."""
+    start_test_seed()
+    yield
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +37,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
     if report.when == "call" and report.failed:
-        report.sections.append(("fastdistill", f"last random seed: {last_seed()} "
+        report.sections.append(("fastdistill", f"test seed: {last_seed()} "
                                                f"(pin with FASTDISTILL_TEST_SEED={last_seed()})"))
 
 

@@ -221,3 +221,21 @@ def test_record_backends_collects_selections(toy_ops):
     assert seen == {("_toy_rec", "cpp"), ("_toy_rec", "reference")}
     dispatch.select_backend("_toy_rec", torch.ones(1))  # outside: not recorded
     assert len(seen) == 2
+
+
+def test_pinned_test_seed_replays_every_draw_of_a_test(monkeypatch):
+    from fastdistill import testing
+
+    def draws():
+        testing.start_test_seed()
+        return [torch.randn(3, generator=testing.generator()) for _ in range(3)]
+
+    monkeypatch.setenv("FASTDISTILL_TEST_SEED", "12345")
+    first, again = draws(), draws()
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], first[1])  # successive draws in a test differ
+    assert testing.last_seed() == 12345
+    monkeypatch.delenv("FASTDISTILL_TEST_SEED")
+    fresh = {testing.start_test_seed() for _ in range(4)}  # unpinned: a fresh base seed per test
+    assert len(fresh) > 1
