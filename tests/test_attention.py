@@ -42,11 +42,8 @@ def _qkv(B, H, Lq, Lk, D, dtype, layout="bhld", grad=True):
 
 def _check(q, k, v, *, backend, dtype, **kw):
     rtol, grtol = _tols(dtype, backend)
-    # The backend is forced around the whole check (forward and backward); the harness runs the
-    # float64 reference under its own use_backend("reference"), which takes precedence inside.
-    with dispatch.use_backend(backend):
-        return check_against_reference(fastdistill.fused_attention, fastdistill.fused_attention, (q, k, v), kw,
-                                       dtype=dtype, rtol=rtol, grad_rtol=grtol)
+    return check_against_reference(fastdistill.fused_attention, fastdistill.fused_attention, (q, k, v), kw,
+                                   dtype=dtype, backend=backend, rtol=rtol, grad_rtol=grtol)
 
 
 def test_split_head_dim_uses_pow2_subblocks_not_2x_padding():

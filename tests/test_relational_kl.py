@@ -17,14 +17,8 @@ GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 RTOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-def check(fn, ref, args, kwargs=None, *, backend, **kw):
-    """check_against_reference with ``fn`` run under ``backend`` (forced inside the call: the backward
-    replays the backend chosen in the forward, so the whole check runs on it)."""
-    def run(*a, **k):
-        with fastdistill.use_backend(backend):
-            return fn(*a, **k)
-
-    return testing.check_against_reference(run, ref, args, kwargs, **kw)
+# Value and gradient against float64, with `backend` forced for the forward and backward passes.
+check = testing.check_against_reference
 
 # (G, N, M, C_s, C_t, segment_size): awkward sizes, 1s, C_s != C_t, a C above one channel tile (130),
 # several key tiles per segment (M=70 > 64: online rescaling), segments smaller than a tile.
