@@ -13,6 +13,7 @@
 // segment_mse_forward / backward: one block per sample row reduces sum((p - t)^2) in fp32 (fp64
 // for fp64) and adds w_b / D times it into its segment; the backward writes
 // 2 w_b g_seg (p - t) / D in one elementwise pass.
+#include <type_traits>
 #include "routing/routing.h"
 
 #include <ATen/AccumulateType.h>
@@ -202,31 +203,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> segment_route_cuda(co
   const int nb = static_cast<int>(K + 1);
   const size_t smem = nb * sizeof(int64_t) + nb * sizeof(int) + static_cast<size_t>(threads / 32) * nb * sizeof(int);
   auto stream = at::cuda::getCurrentCUDAStream();
+  // One launch for every timestep dtype the op accepts (the kernel is templated on it).
+  auto launch = [&](auto* ts) {
+    using ts_t = std::remove_cv_t<std::remove_pointer_t<decltype(ts)>>;
+    segment_route_kernel<ts_t><<<1, threads, smem, stream>>>(
+        ts, boundaries.data_ptr<int64_t>(), static_cast<int>(B), static_cast<int>(K),
+        segment_ids.data_ptr<int64_t>(), permutation.data_ptr<int64_t>(), inverse.data_ptr<int64_t>(),
+        offsets.data_ptr<int64_t>());
+  };
   AT_DISPATCH_SWITCH(timesteps.scalar_type(), "segment_route_cuda",
-      AT_DISPATCH_CASE(at::kLong, [&] {
-        segment_route_kernel<scalar_t><<<1, threads, smem, stream>>>(
-            timesteps.data_ptr<scalar_t>(), boundaries.data_ptr<int64_t>(), static_cast<int>(B), static_cast<int>(K),
-            segment_ids.data_ptr<int64_t>(), permutation.data_ptr<int64_t>(), inverse.data_ptr<int64_t>(),
-            offsets.data_ptr<int64_t>());
-      })
-      AT_DISPATCH_CASE(at::kInt, [&] {
-        segment_route_kernel<scalar_t><<<1, threads, smem, stream>>>(
-            timesteps.data_ptr<scalar_t>(), boundaries.data_ptr<int64_t>(), static_cast<int>(B), static_cast<int>(K),
-            segment_ids.data_ptr<int64_t>(), permutation.data_ptr<int64_t>(), inverse.data_ptr<int64_t>(),
-            offsets.data_ptr<int64_t>());
-      })
-      AT_DISPATCH_CASE(at::kFloat, [&] {
-        segment_route_kernel<scalar_t><<<1, threads, smem, stream>>>(
-            timesteps.data_ptr<scalar_t>(), boundaries.data_ptr<int64_t>(), static_cast<int>(B), static_cast<int>(K),
-            segment_ids.data_ptr<int64_t>(), permutation.data_ptr<int64_t>(), inverse.data_ptr<int64_t>(),
-            offsets.data_ptr<int64_t>());
-      })
-      AT_DISPATCH_CASE(at::kDouble, [&] {
-        segment_route_kernel<scalar_t><<<1, threads, smem, stream>>>(
-            timesteps.data_ptr<scalar_t>(), boundaries.data_ptr<int64_t>(), static_cast<int>(B), static_cast<int>(K),
-            segment_ids.data_ptr<int64_t>(), permutation.data_ptr<int64_t>(), inverse.data_ptr<int64_t>(),
-            offsets.data_ptr<int64_t>());
-      }));
+      AT_DISPATCH_CASE(at::kLong, [&] { launch(timesteps.data_ptr<scalar_t>()); })
+      AT_DISPATCH_CASE(at::kInt, [&] { launch(timesteps.data_ptr<scalar_t>()); })
+      AT_DISPATCH_CASE(at::kFloat, [&] { launch(timesteps.data_ptr<scalar_t>()); })
+      AT_DISPATCH_CASE(at::kDouble, [&] { launch(timesteps.data_ptr<scalar_t>()); }));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {segment_ids, permutation, inverse, offsets};
 }
