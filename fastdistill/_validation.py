@@ -45,6 +45,7 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
 
 
 def check_same_shape(op: str, **tensors: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` naming the tensors unless all given tensors have one shape."""
     present = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
     shapes = {tuple(v.shape) for v in present.values()}
     if len(shapes) > 1:
@@ -64,6 +65,7 @@ def check_positive(op: str, name: str, value: object, *, allow_zero: bool = Fals
 
 
 def check_choice(op: str, name: str, value: object, choices: Sequence[object]) -> object:
+    """Return ``value`` if it is one of ``choices``, else raise ``ValueError`` naming ``name``."""
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {list(choices)}, got {value!r}")
     return value

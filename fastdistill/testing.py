@@ -81,6 +81,7 @@ def randn(*shape: int, dtype: torch.dtype = torch.float32, device: torch.device 
 
 
 def tolerance(dtype: torch.dtype) -> float:
+    """The relative tolerance of :data:`TOLERANCES` for ``dtype``."""
     try:
         return TOLERANCES[dtype]
     except KeyError:
@@ -154,6 +155,7 @@ def _grad_leaves(args: Any) -> list[torch.Tensor]:
 
 @dataclass
 class CheckResult:
+    """What :func:`check_against_reference` compared: the op's outputs and input gradients."""
     outputs: list[torch.Tensor]
     grads: list[torch.Tensor | None]
 

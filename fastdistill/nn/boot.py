@@ -82,6 +82,7 @@ class BootDistiller(nn.Module):
 
     @property
     def num_timesteps(self) -> int:
+        """T, the length of the schedule the distiller was given."""
         return self.alphas.shape[0]
 
     def _teacher(self, x: Tensor, t: Tensor, cond: dict[str, Any], uncond: dict[str, Any] | None

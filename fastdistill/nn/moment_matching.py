@@ -303,6 +303,7 @@ class MomentMatchingDistiller(nn.Module):
     # ------------------------------------------------------------------ parameter-space variant
 
     def teacher_parameters(self) -> list[Tensor]:
+        """The teacher's parameters (perturbed and restored by the parameter variant)."""
         return [p for p in self.teacher.parameters() if p.is_floating_point()]
 
     def teacher_loss(self, x_clean: Tensor, z_s: Tensor, s: Tensor, cond: dict | None = None,

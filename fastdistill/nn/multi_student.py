@@ -127,22 +127,26 @@ class MultiStudent(nn.Module):
     # -- what diffusers pipelines read from their unet ------------------------------------------
     @property
     def config(self) -> Any:
+        """The first student's diffusers config (pipelines read it from their ``unet``)."""
         return getattr(self.students[0], "config", None)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The students' parameter dtype."""
         for p in self.parameters():
             return p.dtype
         return torch.get_default_dtype()
 
     @property
     def device(self) -> torch.device:
+        """The students' device."""
         for p in self.parameters():
             return p.device
         return torch.device("cpu")
 
     @property
     def num_students(self) -> int:
+        """K, the number of students."""
         return len(self.students)
 
     def extra_repr(self) -> str:

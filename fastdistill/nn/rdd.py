@@ -45,6 +45,7 @@ class IntraSampleP2PLoss(nn.Module):
         self.process_group = process_group
 
     def forward(self, feat_S: torch.Tensor, feat_T: torch.Tensor, type: str = "fast") -> torch.Tensor:  # noqa: A002
+        """The pixel-to-pixel relational loss times ``factor`` (``type``: the official signature's)."""
         return fused_rdd_loss(feat_S, feat_T, temperature=self.temperature, pairs=self.pairs,
                               process_group=self.process_group) * self.factor
 
@@ -65,6 +66,7 @@ class _SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        """Batch norm; in training with an active group, over the statistics of all ranks."""
         from ..distributed import all_reduce_moments, resolve_group
 
         group = resolve_group(self.process_group) if self.training else None
@@ -218,6 +220,7 @@ class RCFDLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """``rcfd_loss(student_logits, teacher_logits, temperature)``."""
         return rcfd_loss(student_logits, teacher_logits, temperature=self.temperature)
 
 
@@ -261,7 +264,9 @@ class RDDLoss(nn.Module):
 
     def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor,
                 student_logits: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
-                return_terms: bool = False):
+                return_terms: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum of the RCFD (when logits are given), intra-sample and memory terms; with
+        ``return_terms``, also each weighted term by name."""
         terms: dict[str, torch.Tensor] = {}
         if (student_logits is None) != (teacher_logits is None):
             raise ValueError("RDDLoss: pass both student_logits and teacher_logits, or neither")

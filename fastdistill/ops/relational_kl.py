@@ -205,6 +205,7 @@ def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def reduce_kl(kl: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Apply ``reduction`` (``mean``, ``sum`` or ``none``) to per-row KL values."""
     if reduction == "mean":
         return kl.mean()
     if reduction == "sum":

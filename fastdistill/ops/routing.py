@@ -63,10 +63,12 @@ class Routing(NamedTuple):
 
     @property
     def num_segments(self) -> int:
+        """K, the number of segments."""
         return self.offsets.shape[0] - 1
 
     @property
     def batch_size(self) -> int:
+        """B, the number of routed samples."""
         return self.segment_ids.shape[0]
 
     def counts(self) -> torch.Tensor:
@@ -160,6 +162,7 @@ def _check_timesteps(op: str, timesteps: object) -> torch.Tensor:
 # References (plain PyTorch): the reference backend and the tests' ground truth
 
 def route_reference(timesteps: torch.Tensor, boundaries: torch.Tensor) -> Routing:
+    """Plain-PyTorch ``segment_route``: bucketise, then a stable sort by segment."""
     K = boundaries.shape[0] - 1
     b = boundaries.to(timesteps.dtype)
     inside = (timesteps >= b[0]) & (timesteps < b[-1])  # False for NaN
@@ -174,11 +177,13 @@ def route_reference(timesteps: torch.Tensor, boundaries: torch.Tensor) -> Routin
 
 
 def permute_reference(tensors: Sequence[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+    """Plain-PyTorch row permutation: ``t[index]`` for every tensor."""
     return [t.index_select(0, index) for t in tensors]
 
 
 def mse_segment_sums_reference(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
                                segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Plain-PyTorch per-segment sums of the weighted per-sample MSE."""
     acc = weight.dtype
     B = pred.shape[0]
     diff = pred.to(acc) - target.to(acc)
