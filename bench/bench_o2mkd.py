@@ -4,7 +4,7 @@ GPU cases (issue 5): K=4 students, each a CIFAR-10 DDPM UNet at half width (bloc
 64/128/128/128, ~9 M parameters), B=128, uniform timesteps, fwd+bwd of the per-segment MSE to a
 teacher target. Providers:
 
-* ``fastdistill``: ``MultiStudent(fused="auto")`` + ``segment_mse`` (fused on CUDA);
+* ``fastdistill``: ``MultiStudent(fused="auto")`` + ``segment_mse`` (``"auto"`` = the loop until a GPU benchmark shows fused winning);
 * ``fastdistill-loop`` / ``fastdistill-fused``: both execution paths forced;
 * ``eager``: the ``index_select``-per-student loop a user would write (``nonzero`` per student:
   K host syncs);

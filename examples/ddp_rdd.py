@@ -1,19 +1,24 @@
 """Train a tiny diffusers UNet student with RDD's relational losses on several processes (DDP).
 
-Every rank holds its own per-rank batch; the relational losses (``fastdistill.fused_rdd_loss``, the
-memory term ``fastdistill.nn.MemoryP2PLoss``) compute over the GLOBAL batch through autograd-aware
-all-gathers, so DDP's gradient average is exactly the full-batch gradient (docs/distributed.md).
+Every rank holds its own per-rank batch. By default the relational loss (``fastdistill.fused_rdd_loss``)
+is computed on each rank's local batch, as the official RDD code does; ``--process-group world`` switches
+it to the GLOBAL batch through autograd-aware all-gathers, so DDP's gradient average is exactly the
+full-batch gradient (docs/distributed.md). The memory term ``fastdistill.nn.MemoryP2PLoss`` keeps the
+official all-gather of teacher pixels into its queue either way.
 
 Launch (2 processes; CPU ranks use gloo, GPU ranks use nccl):
 
     torchrun --nproc-per-node 2 examples/ddp_rdd.py --tiny              # CPU or GPUs
     torchrun --nproc-per-node 2 examples/ddp_rdd.py --tiny --accelerate # DDP wrapping by accelerate
+    torchrun --nproc-per-node 2 examples/ddp_rdd.py --tiny --process-group world  # global-batch loss
     accelerate launch --multi_gpu --num_processes 2 examples/ddp_rdd.py --accelerate
-    python examples/ddp_rdd.py --tiny                                    # one process: local losses
+    python examples/ddp_rdd.py --tiny                                    # one process
 
-(``accelerate launch --cpu`` starts several CPU processes only through mpirun; use torchrun for that.)
-Each rank prints one line per step: ``rank R/W step S loss ... (rdd ..., memory ..., mse ...)``; the
-``rdd`` value is the global-batch loss and is identical on every rank, the others are per-rank.
+(``accelerate launch --cpu`` starts several CPU processes only through mpirun, otherwise it runs the script
+once; the example then warns on stderr. Use torchrun for several CPU processes.)
+Each rank prints one line per step: ``rank R/W step S loss ... (rdd ..., memory ..., mse ...)``; with
+``--process-group world`` the ``rdd`` value is the global-batch loss and identical on every rank, otherwise
+every value is per-rank.
 The teacher is a frozen random-weight UNet of the same architecture: this shows the mechanics, not a
 recipe for a good student.
 """
@@ -44,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true", help="run on CPU (gloo) even when GPUs are visible")
     p.add_argument("--accelerate", action="store_true",
                    help="let accelerate.Accelerator set up the process group and wrap the model in DDP")
+    p.add_argument("--process-group", choices=("local", "world"), default="local",
+                   help="relational loss over each rank's batch (local, as the official code) or the global "
+                        "batch (world: autograd-aware all-gather; every rank must call)")
     p.add_argument("--rdd-weight", type=float, default=1.0)
     p.add_argument("--memory-weight", type=float, default=1.0, help="on top of MemoryP2PLoss's factor=0.1")
     p.add_argument("--seed", type=int, default=0)
@@ -79,9 +87,10 @@ class StudentWithRDD(nn.Module):
     """Student UNet plus the memory term's projection head, as ONE module, so that a single DDP wrapper
     averages the gradients of both; the forward returns the losses (computed inside DDP's forward)."""
 
-    def __init__(self, student: nn.Module, channels: int) -> None:
+    def __init__(self, student: nn.Module, channels: int, process_group: object = None) -> None:
         super().__init__()
         self.student = student
+        self.process_group = process_group
         self.tap = FeatureTap(student.mid_block)
         # queue and contrast sizes scaled down from the official 20000 / 4096 for a tiny model
         self.memory = fastdistill.nn.MemoryP2PLoss(pixel_memory_size=512, pixel_contrast_size=128,
@@ -93,11 +102,67 @@ class StudentWithRDD(nn.Module):
         feat = self.tap.value
         return {
             "mse": F.mse_loss(pred.float(), teacher_out.float()),
-            # all ordered sample pairs of the GLOBAL batch (default process_group: the world group)
-            "rdd": fastdistill.fused_rdd_loss(feat, teacher_feat, temperature=1.0, pairs="all"),
-            # gathers every rank's teacher pixels into the queue, so all ranks' queues stay identical
+            # all ordered sample pairs of this rank's batch (process_group=None, official) or of the
+            # GLOBAL batch (process_group=WORLD)
+            "rdd": fastdistill.fused_rdd_loss(feat, teacher_feat, temperature=1.0, pairs="all",
+                                              process_group=self.process_group),
+            # gathers every rank's teacher pixels into the queue (official; sync_group defaults to WORLD),
+            # so all ranks' queues stay identical; the loss itself is per rank
             "memory": self.memory(feat, teacher_feat),
         }
+
+
+def _parent_cmdline() -> list[str]:
+    """The launching process's command line (Linux /proc), or [] where it cannot be read."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def expected_processes(environ: dict[str, str] | None = None,
+                       parent_cmdline: list[str] | None = None) -> tuple[int, str] | None:
+    """(process count the launch asked for, where that came from), when it can be told: the WORLD_SIZE or
+    ACCELERATE_NUM_PROCESSES environment variable, or ``--num_processes N`` on the command line of a parent
+    ``accelerate launch`` (which passes no count to a script it runs once)."""
+    env = os.environ if environ is None else environ
+    for var in ("WORLD_SIZE", "ACCELERATE_NUM_PROCESSES"):
+        value = env.get(var, "").strip()
+        if value.isdigit():
+            return int(value), f"{var}={value}"
+    cmd = _parent_cmdline() if parent_cmdline is None else parent_cmdline
+    if any("accelerate" in part for part in cmd[:3]):
+        for i, arg in enumerate(cmd):
+            for flag in ("--num_processes", "--num-processes"):
+                value = None
+                if arg == flag and i + 1 < len(cmd):
+                    value = cmd[i + 1]
+                elif arg.startswith(flag + "="):
+                    value = arg.split("=", 1)[1]
+                if value is not None and value.strip().isdigit():
+                    return int(value), f"accelerate launch {flag} {value}"
+    return None
+
+
+def single_process_warning(world: int, accelerate_flag: bool, environ: dict[str, str] | None = None,
+                           parent_cmdline: list[str] | None = None) -> str | None:
+    """The warning to print when the run has ONE process although several were expected, else None."""
+    if world > 1:
+        return None
+    expected = expected_processes(environ, parent_cmdline)
+    if expected is not None and expected[0] > 1:
+        reason = f"{expected[0]} processes were requested ({expected[1]})"
+    elif accelerate_flag:
+        reason = "--accelerate was given (a multi-process launch was expected)"
+    else:
+        return None
+    return (f"ddp_rdd: WARNING: training on ONE process (world 1) although {reason}. "
+            "`accelerate launch --cpu --num_processes N` starts several CPU processes only through mpirun; "
+            "without it accelerate runs the script once. Fix: on CPU use "
+            "`torchrun --nproc-per-node N examples/ddp_rdd.py --tiny --accelerate`; on GPUs "
+            "`accelerate launch --multi_gpu --num_processes N examples/ddp_rdd.py --accelerate`. "
+            "See docs/distributed.md, section 'Launching'.")
 
 
 def setup_distributed(args: argparse.Namespace):
@@ -133,7 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     teacher = make_unet(args.tiny).to(device).eval().requires_grad_(False)
     teacher_tap = FeatureTap(teacher.mid_block)
-    model = StudentWithRDD(make_unet(args.tiny), channels=teacher.config.block_out_channels[-1]).to(device)
+    group = fdist.WORLD if args.process_group == "world" else None
+    model = StudentWithRDD(make_unet(args.tiny), channels=teacher.config.block_out_channels[-1],
+                           process_group=group).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     if accelerator is not None:
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -145,7 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     size = teacher.config.sample_size
     if rank == 0:
         print(f"ddp_rdd: world {world}, per-rank batch {batch} (global {batch * world}), device {device.type}, "
-              f"process group active: {fdist.is_active()}", flush=True)
+              f"process group active: {fdist.is_active()}, relational loss: {args.process_group}", flush=True)
+        warning = single_process_warning(world, args.accelerate)
+        if warning is not None:
+            print(warning, file=sys.stderr, flush=True)
     for step in range(steps):
         t0 = time.perf_counter()
         x0 = torch.rand(batch, 3, size, size, generator=data_gen).mul(2).sub(1).to(device)

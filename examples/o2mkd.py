@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="batch (default 8 with --tiny, else 128)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--uniform", action="store_true", help="uniform random timesteps instead of stratified ones")
-    p.add_argument("--fused", choices=["auto", "true", "false"], default="auto",
-                   help="MultiStudent execution: horizontal fusion, per-student loop, or auto")
+    p.add_argument("--fused", choices=["auto", "true", "false"], default="false",
+                   help="MultiStudent execution: horizontal fusion, per-student loop, or auto (= loop for now)")
     p.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps (default 4 with --tiny, else 50)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)

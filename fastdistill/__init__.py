@@ -9,11 +9,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import _extension  # loads fastdistill._C, which defines torch.ops.fastdistill
+from ._extension import ExtensionMismatchWarning
 from .dispatch import BackendUnavailableError, FallbackWarning, use_backend
 
 __all__ = [
     "__version__",
     "BackendUnavailableError",
+    "ExtensionMismatchWarning",
     "FallbackWarning",
     "use_backend",
 ]

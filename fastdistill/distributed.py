@@ -1,22 +1,35 @@
 """Autograd-aware collectives for cross-sample losses under DDP / FSDP.
 
-Every cross-sample loss in fastdistill takes ``process_group=`` and, with an active group, computes the
-loss over the **global** batch (same value on every rank) from inputs gathered with an autograd-aware
-all-gather. Each rank's local inputs then receive ``W * dL/dx`` (the backward of the gather is a
-reduce-scatter *sum* of the W identical losses' gradients), and DDP's 1/W gradient average gives exactly the
-gradient of the full-batch loss. A no-grad gather with the local slot put back gives 1/W of it instead.
+Every cross-sample loss in fastdistill takes ``process_group=``, and its default is ``None``: each rank
+computes the loss on its **local** batch, exactly what the official code of the method computes on that
+rank (the official RDD loop, for one, never gathers the features of its relational losses). No collective
+runs, so a rank may skip the call without hanging the others.
+
+The **global-batch** objective is one argument away: ``process_group=WORLD`` (``"world"``) or a
+``ProcessGroup``. The loss is then computed over the global batch (same value on every rank) from inputs
+gathered with an autograd-aware all-gather. Each rank's local inputs receive ``W * dL/dx`` (the backward of
+the gather is a reduce-scatter *sum* of the W identical losses' gradients), and DDP's 1/W gradient average
+gives exactly the gradient of the full-batch loss. A no-grad gather with the local slot put back gives 1/W
+of it instead. Every rank of the group must then make the call.
 
 ``process_group`` values accepted everywhere:
 
-* :data:`WORLD` (the default of every op): the default (world) group when ``torch.distributed`` is
-  initialised with more than one rank, otherwise compute locally;
-* ``None``: compute locally (per-rank loss), whatever the launch;
+* ``None`` (the default of every loss and module): compute locally (per-rank loss), whatever the launch;
+* :data:`WORLD`: the default (world) group when ``torch.distributed`` is initialised with more than one
+  rank, otherwise compute locally;
 * a ``ProcessGroup`` (or a 1-D ``DeviceMesh``): that group; a group of size 1 computes locally.
 
-Gathers require the same dim-0 size on every rank; a mismatch raises :class:`ValueError` naming every
-rank's size (one small extra all-gather of the shapes per call; ``check_sizes=False`` skips it, and it is
-skipped while ``torch.compile`` traces, where it would break the graph). A mismatch without the check would
-hang or fail inside the backend.
+The primitives of this module (:func:`all_gather_with_grad`, :func:`all_reduce_with_grad`,
+:func:`all_reduce_moments`, :func:`resolve_group`, ...) are explicit collectives and default to
+:data:`WORLD`, like ``torch.distributed``'s own ``group=None``. :func:`gather_rows` is the one gather helper
+the ops use.
+
+Gathers require the same dim-0 size on every rank. With the size check on, a mismatch raises
+:class:`ValueError` naming every rank's size (one small extra all-gather of the shapes per call, read on
+the host). The check is on by default for CPU tensors (gloo: no device sync) and **off by default for CUDA
+tensors** (NCCL), where reading the gathered shapes is a host sync: pass ``check_sizes=True`` (or set
+``FASTDISTILL_VALUE_CHECKS=1``) to opt in while debugging. It is skipped while ``torch.compile`` traces,
+where it would break the graph. A mismatch without the check hangs or fails inside the backend.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Iterator, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -37,13 +50,16 @@ __all__ = [
     "rank",
     "is_active",
     "all_gather_with_grad",
+    "gather_rows",
     "all_reduce_with_grad",
     "all_reduce_moments",
     "force_legacy_gather",
     "gather_path",
 ]
 
-#: Sentinel default of every ``process_group=`` argument: the world group when initialised with >1 rank.
+#: The world group when torch.distributed is initialised with more than one rank (else local). The value
+#: to pass as ``process_group=`` for the global-batch objective, and the default of this module's primitives.
+#: The ONE definition in fastdistill: ops and modules import it from here.
 WORLD = "world"
 
 #: Type of a ``process_group=`` argument.
@@ -184,7 +200,7 @@ def _check_gather_shapes(tensor: torch.Tensor, group: "dist.ProcessGroup", what:
 
 
 def all_gather_with_grad(tensor: torch.Tensor, process_group: ProcessGroupArg = WORLD, *,
-                         check_sizes: bool = True) -> torch.Tensor:
+                         check_sizes: bool | None = None) -> torch.Tensor:
     """Concatenation along dim 0 of every rank's ``tensor`` (rank order), differentiable.
 
     Backward: each rank's input receives the sum over ranks of the gradient flowing into its slice
@@ -197,8 +213,11 @@ def all_gather_with_grad(tensor: torch.Tensor, process_group: ProcessGroupArg = 
         tensor: at least 1-D; every rank must pass the same shape.
         process_group: see the module docstring.
         check_sizes: gather the shapes first and raise ``ValueError`` naming every rank's dim-0 size on a
-            mismatch (instead of hanging). Costs one tiny extra collective. Skipped while
-            ``torch.compile`` traces (it would break the graph): compiled code must keep sizes equal.
+            mismatch (instead of hanging). Costs one tiny extra collective and, for CUDA tensors, a host
+            sync. ``None`` (default): on for CPU tensors, off for CUDA tensors (``FASTDISTILL_VALUE_CHECKS=1``
+            turns it on there, see :func:`fastdistill.ops.diffusion_steps.value_checks_enabled`).
+            Skipped while ``torch.compile`` traces (it would break the graph): compiled code must keep
+            sizes equal.
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"all_gather_with_grad: tensor must be a torch.Tensor, got {type(tensor).__name__}")
@@ -207,8 +226,10 @@ def all_gather_with_grad(tensor: torch.Tensor, process_group: ProcessGroupArg = 
     group = resolve_group(process_group)
     if group is None:
         return tensor
-    # Under torch.compile the check (a host-side comparison) would break the graph: it is skipped there.
-    if check_sizes and not torch.compiler.is_compiling():
+    # A host read of the gathered shapes: opt-in on CUDA, skipped under torch.compile (a graph break).
+    from .ops.diffusion_steps import value_checks_enabled
+
+    if value_checks_enabled(tensor.device, check_sizes):
         _check_gather_shapes(tensor, group, "all_gather_with_grad")
     # Collectives need contiguous buffers; .contiguous() is differentiable and free when already so.
     tensor = tensor.contiguous()
@@ -227,6 +248,29 @@ def all_gather_with_grad(tensor: torch.Tensor, process_group: ProcessGroupArg = 
         warnings.simplefilter("ignore", FutureWarning)
         parts = dnf.all_gather(tensor, group=group)
     return torch.cat(parts, dim=0)
+
+
+def gather_rows(tensors: Sequence[torch.Tensor], process_group: ProcessGroupArg) -> list[torch.Tensor]:
+    """All-gather (autograd-aware) every tensor along dim 0 when ``process_group`` is active.
+
+    The gather helper of every fastdistill op that takes ``process_group=`` (relational KL, the RDD losses,
+    the memory queue update). ``None``, or a group that resolves to one rank, returns the tensors unchanged
+    and runs no collective. A tensor passed twice (``q is k``) is gathered once and both results are the same
+    object. Each gather checks the shapes first where :func:`all_gather_with_grad`'s default does (CPU
+    tensors; opt-in for CUDA tensors).
+    """
+    if process_group is None:
+        return list(tensors)
+    group = resolve_group(process_group)
+    if group is None:
+        return list(tensors)
+    out: list[torch.Tensor] = []
+    done: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        if id(t) not in done:
+            done[id(t)] = all_gather_with_grad(t, group)
+        out.append(done[id(t)])
+    return out
 
 
 def _sum_all_reduce(tensor: torch.Tensor, group: "dist.ProcessGroup") -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from . import dispatch
+from . import _triton, dispatch
 from ._alloc import poison_outputs
 
 #: Relative tolerance by input dtype: max|actual - expected| <= rtol * max(max|expected|, floor).
@@ -248,3 +248,173 @@ def backends_under_test(op: str, device: torch.device | str = "cpu",
         wanted = set(include)
         found = [b for b in found if b in wanted]
     return found
+
+
+# ----------------------------------------------------------------------------------------------
+# (backend, device) parametrisation: the suite does not shrink on a GPU host
+# ----------------------------------------------------------------------------------------------
+
+#: Devices a backend runs tensors of (``cpp`` is CPU only, ``cuda`` CUDA only; ``triton`` runs CUDA
+#: tensors, and CPU tensors under the interpreter).
+BACKEND_DEVICES: dict[str, tuple[str, ...]] = {
+    "triton": ("cpu", "cuda"),
+    "cuda": ("cuda",),
+    "cpp": ("cpu",),
+    "reference": ("cpu", "cuda"),
+}
+
+#: Marker name of a case whose backend is declared but cannot run where it must (see :class:`BackendCase`).
+UNAVAILABLE_MARKER = "backend_unavailable"
+
+NO_GPU_REASON = "needs a CUDA GPU (none visible); on a GPU machine `python -m pytest -m gpu` runs these"
+
+
+@dataclass(frozen=True)
+class BackendCase:
+    """One (backend, device) case of an op test and what should happen to it in this process.
+
+    ``status`` is ``"run"`` (the backend runs tensors of ``device`` here), ``"skip"`` (the device is not
+    in this session: no GPU visible, or the Triton interpreter has moved the Triton cases to CPU) or
+    ``"fail"`` (the op declares the backend and it must run here, but cannot: Triton missing on a CUDA
+    host, the extension built without CUDA, the extension not loaded). ``reason`` says why for the
+    last two. A failing case is a failing test, never a smaller parametrisation.
+    """
+
+    op: str
+    backend: str
+    device: str
+    status: str
+    reason: str | None = None
+
+    @property
+    def id(self) -> str:
+        """``"triton"`` for CPU cases (the ids the CPU suite always had), ``"triton-cuda"`` for CUDA ones."""
+        return self.backend if self.device == "cpu" else f"{self.backend}-{self.device}"
+
+    def marks(self) -> list[Any]:
+        """pytest marks: ``gpu`` on CUDA cases, a skip for ``"skip"``, the unavailable marker for ``"fail"``."""
+        import pytest
+
+        marks: list[Any] = []
+        if self.device == "cuda":
+            marks.append(pytest.mark.gpu)
+        if self.status == "skip":
+            marks.append(pytest.mark.skip(reason=self.reason or "not in this session"))
+        elif self.status == "fail":
+            marks.append(getattr(pytest.mark, UNAVAILABLE_MARKER)(op=self.op, backend=self.backend,
+                                                                  device=self.device, reason=self.reason))
+        return marks
+
+    def param(self, *values: Any, id: str | None = None) -> Any:
+        """``pytest.param(backend, device, *values)`` with this case's id (``id`` appended) and marks."""
+        import pytest
+
+        full_id = self.id if id is None else f"{self.id}-{id}"
+        return pytest.param(self.backend, self.device, *values, id=full_id, marks=self.marks())
+
+
+def _cuda_visible() -> bool:
+    return torch.cuda.is_available()
+
+
+def backend_device_cases(op: str, include: Iterable[str] | None = None) -> list[BackendCase]:
+    """Every (backend, device) case of ``op``: CPU cases first, then CUDA cases, each in the op's order.
+
+    The list is the same on every host, except that the CPU Triton case appears only in the session that
+    tests Triton on CPU (the interpreter is on, or no GPU is there to test it on); only the status changes:
+
+    * CPU: ``reference`` always runs; ``cpp`` must run (the extension is part of the build); ``triton``
+      must run when ``TRITON_INTERPRET=1``, and fails when neither the interpreter nor a GPU is there
+      (Triton would be tested nowhere).
+    * CUDA (marked ``gpu``): skipped when no GPU is visible; otherwise ``triton``, ``cuda`` and
+      ``reference`` must run (Triton with the interpreter on is skipped: it runs the CPU cases then).
+
+    ``include`` keeps only those backends (names must be fastdistill backends).
+    """
+    try:
+        spec = dispatch.registered_ops()[op]
+    except KeyError:
+        raise KeyError(f"fastdistill op {op!r} is not registered") from None
+    backends = list(spec.backends)
+    if include is not None:
+        wanted = set(include)
+        unknown = wanted - set(dispatch.BACKENDS)
+        if unknown:
+            raise ValueError(f"include names unknown backend(s) {sorted(unknown)}; known: {dispatch.BACKENDS}")
+        backends = [b for b in backends if b in wanted]
+    cuda = _cuda_visible()
+    interpret = _triton.interpret_mode()
+    cases: list[BackendCase] = []
+    for device in ("cpu", "cuda"):
+        for backend in backends:
+            if device not in BACKEND_DEVICES[backend]:
+                continue
+            if device == "cpu" and backend == "triton" and not interpret:
+                if cuda:
+                    continue  # Triton is tested on CUDA tensors in this session (the triton-cuda cases)
+                cases.append(BackendCase(op, backend, device, "fail",
+                                         "Triton runs CPU tensors only under TRITON_INTERPRET=1 and no CUDA GPU is "
+                                         "visible, so Triton would be tested nowhere (unset "
+                                         "FASTDISTILL_TEST_INTERPRET=0, or run on a GPU)"))
+                continue
+            if device == "cuda":
+                if not cuda:
+                    cases.append(BackendCase(op, backend, device, "skip", NO_GPU_REASON))
+                    continue
+                if backend == "triton" and interpret:
+                    cases.append(BackendCase(op, backend, device, "skip",
+                                             "TRITON_INTERPRET=1 in this session: Triton runs the CPU cases "
+                                             "(FASTDISTILL_TEST_INTERPRET=0 tests it on the GPU)"))
+                    continue
+            reason = dispatch.why_unavailable(backend, device)
+            cases.append(BackendCase(op, backend, device, "run" if reason is None else "fail", reason))
+    return cases
+
+
+def triton_device() -> str:
+    """The device whose tensors the Triton backend runs in this session: ``"cpu"`` under
+    ``TRITON_INTERPRET=1``, else ``"cuda"`` when a GPU is visible, else ``"cpu"`` (a forced Triton call
+    then fails with the reason). For tests that force ``triton`` outside the (backend, device) cases."""
+    if _triton.interpret_mode() or not _cuda_visible():
+        return "cpu"
+    return "cuda"
+
+
+def backend_device_params(op: str, include: Iterable[str] | None = None) -> list[Any]:
+    """``pytest.param(backend, device)`` for every case of :func:`backend_device_cases` (ids ``triton``,
+    ``cpp``, ``reference`` on CPU; ``triton-cuda``, ``cuda-cuda``, ``reference-cuda`` on CUDA).
+
+    >>> @pytest.mark.parametrize("backend,device", backend_device_params("pd_loss"))  # doctest: +SKIP
+    ... def test_pd_loss(backend, device): ...
+
+    Tests create their inputs on ``device``; a case that cannot run where it must fails with the reason
+    (tests/conftest.py acts on the marker through :func:`fail_if_unavailable`).
+    """
+    return [case.param() for case in backend_device_cases(op, include)]
+
+
+def fail_if_unavailable(item: Any) -> None:
+    """Fail a pytest item whose case is declared but cannot run here (call from ``pytest_runtest_call``)."""
+    marker = item.get_closest_marker(UNAVAILABLE_MARKER)
+    if marker is None:
+        return
+    import pytest
+
+    kw = marker.kwargs
+    pytest.fail(f"{kw['op']}: the {kw['backend']} backend must run {kw['device']} tensors here but cannot: "
+                f"{kw['reason']}", pytrace=False)
+
+
+def to_device(tree: Any, device: torch.device | str) -> Any:
+    """Tensors in ``tree`` (lists, tuples, dicts) moved to ``device`` as fresh leaves keeping ``requires_grad``;
+    tensors already there are returned as they are."""
+    if isinstance(tree, torch.Tensor):
+        want = torch.device(device)
+        if tree.device.type == want.type and want.index in (None, tree.device.index):
+            return tree
+        return tree.detach().to(device).requires_grad_(tree.requires_grad)
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_device(v, device) for v in tree)
+    if isinstance(tree, dict):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    return tree

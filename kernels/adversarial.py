@@ -3,7 +3,8 @@ penalty with a fused first-order backward, and the softplus (logistic) GAN losse
 
 * ``gan_interp``: ``x_hat[b] = alpha_b real[b] + (1 - alpha_b) fake[b]``. ``alpha_b`` is drawn in the
   kernel (Philox, ``tl.rand(seed, b)``: every program of sample b draws the same value, so no
-  per-sample tensor has to be generated and copied first); the D-chunk 0 program of each sample
+  per-sample tensor has to be generated and copied first; b is int64, whose Philox counter equals the
+  int32 one for b < 2^32); the D-chunk 0 program of each sample
   stores it for the backward (``g_real = alpha g``, ``g_fake = (1 - alpha) g``).
 * ``gp_penalty``: ``weight * mean_b (||g_b||_2 - 1)^2`` over the flattened per-sample gradient g.
   Two-pass deterministic reduction (partials, then one small program that also keeps the norms).
@@ -25,19 +26,19 @@ import triton.language as tl
 
 from fastdistill import _alloc
 
-from .diffusion_steps import BLOCK, FINISH_BLOCK_B, FINISH_BLOCK_C, NUM_WARPS, _row_sums, grid, n_chunks
+from ._common import (FINISH_BLOCK_B, FINISH_BLOCK_C, launch_grid, launch_rows, n_chunks, row_program, row_sums,
+                      to_dtype)
 
 LOSS_BLOCK = 1024
 
 
 @triton.jit
-def _interp_fwd_kernel(r_ptr, f_ptr, out_ptr, alpha_in_ptr, alpha_out_ptr, seed, D, USE_RNG: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+def _interp_fwd_kernel(r_ptr, f_ptr, out_ptr, alpha_in_ptr, alpha_out_ptr, seed, D, pid0, NCHUNK,
+                       USE_RNG: tl.constexpr, BLOCK: tl.constexpr):
+    pid_d, b = row_program(pid0, NCHUNK)
     cols = pid_d * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
-    offs = b.to(tl.int64) * D + cols
+    offs = b * D + cols
     if USE_RNG:
         a = tl.rand(seed, b)  # uniform in [0, 1), same for every program of sample b
     else:
@@ -47,20 +48,19 @@ def _interp_fwd_kernel(r_ptr, f_ptr, out_ptr, alpha_in_ptr, alpha_out_ptr, seed,
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x = a * r + (1.0 - a) * f
-    tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, to_dtype(x, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _interp_bwd_kernel(g_ptr, alpha_ptr, gr_ptr, gf_ptr, D, BLOCK: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+def _interp_bwd_kernel(g_ptr, alpha_ptr, gr_ptr, gf_ptr, D, pid0, NCHUNK, BLOCK: tl.constexpr):
+    pid_d, b = row_program(pid0, NCHUNK)
     cols = pid_d * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
-    offs = b.to(tl.int64) * D + cols
+    offs = b * D + cols
     a = tl.load(alpha_ptr + b).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(gr_ptr + offs, (a * g).to(gr_ptr.dtype.element_ty), mask=mask)
-    tl.store(gf_ptr + offs, ((1.0 - a) * g).to(gf_ptr.dtype.element_ty), mask=mask)
+    tl.store(gr_ptr + offs, to_dtype(a * g, gr_ptr.dtype.element_ty), mask=mask)
+    tl.store(gf_ptr + offs, to_dtype((1.0 - a) * g, gf_ptr.dtype.element_ty), mask=mask)
 
 
 def interp_fwd(real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor | None, seed: int,
@@ -69,8 +69,8 @@ def interp_fwd(real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor | Non
     B, D = real.shape
     out = _alloc.empty((B, D), dtype=out_dtype, device=real.device)
     alpha_out = _alloc.empty((B,), dtype=torch.float32, device=real.device)
-    _interp_fwd_kernel[grid(B, D)](real, fake, out, alpha if alpha is not None else alpha_out, alpha_out, seed,
-                                         D, USE_RNG=alpha is None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    launch_rows(_interp_fwd_kernel, B, D, real, fake, out, alpha if alpha is not None else alpha_out, alpha_out,
+                seed, D, USE_RNG=alpha is None)
     return out, alpha_out
 
 
@@ -79,18 +79,17 @@ def interp_bwd(g: torch.Tensor, alpha: torch.Tensor, r_dtype: torch.dtype, f_dty
     B, D = g.shape
     gr = _alloc.empty((B, D), dtype=r_dtype, device=g.device)
     gf = _alloc.empty((B, D), dtype=f_dtype, device=g.device)
-    _interp_bwd_kernel[grid(B, D)](g, alpha, gr, gf, D, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    launch_rows(_interp_bwd_kernel, B, D, g, alpha, gr, gf, D)
     return gr, gf
 
 
 @triton.jit
-def _sumsq_partial_kernel(g_ptr, part_ptr, D, NCHUNK, BLOCK: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+def _sumsq_partial_kernel(g_ptr, part_ptr, D, pid0, NCHUNK, BLOCK: tl.constexpr):
+    pid_d, b = row_program(pid0, NCHUNK)
     cols = pid_d * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
-    g = tl.load(g_ptr + b.to(tl.int64) * D + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(part_ptr + b.to(tl.int64) * NCHUNK + pid_d, tl.sum(g * g, axis=0))
+    g = tl.load(g_ptr + b * D + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(part_ptr + b * NCHUNK + pid_d, tl.sum(g * g, axis=0))
 
 
 @triton.jit
@@ -100,24 +99,23 @@ def _gp_finish_kernel(part_ptr, norm_ptr, loss_ptr, B, NCHUNK, scale, BLOCK_B: t
     for b0 in range(0, B, BLOCK_B):
         rb = b0 + tl.arange(0, BLOCK_B)
         mb = rb < B
-        n = tl.sqrt_rn(_row_sums(part_ptr, rb, mb, NCHUNK, BLOCK_B, BLOCK_C))
+        n = tl.sqrt_rn(row_sums(part_ptr, rb, mb, NCHUNK, BLOCK_B, BLOCK_C))
         tl.store(norm_ptr + rb, n, mask=mb)
         total += tl.where(mb, (n - 1.0) * (n - 1.0), 0.0)
     tl.store(loss_ptr, tl.sum(total, axis=0) * scale)
 
 
 @triton.jit
-def _gp_bwd_kernel(go_ptr, g_ptr, norm_ptr, out_ptr, D, scale, BLOCK: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+def _gp_bwd_kernel(go_ptr, g_ptr, norm_ptr, out_ptr, D, scale, pid0, NCHUNK, BLOCK: tl.constexpr):
+    pid_d, b = row_program(pid0, NCHUNK)
     cols = pid_d * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
-    offs = b.to(tl.int64) * D + cols
+    offs = b * D + cols
     n = tl.load(norm_ptr + b)
     # scale = 2 * weight / B; a zero norm has a zero subgradient (torch's norm backward does the same).
     c = tl.where(n > 0, tl.load(go_ptr).to(tl.float32) * scale * (n - 1.0) / tl.where(n > 0, n, 1.0), 0.0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, (c * g).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, to_dtype(c * g, out_ptr.dtype.element_ty), mask=mask)
 
 
 def gp_fwd(g: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,16 +125,16 @@ def gp_fwd(g: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     part = _alloc.empty((B, nc), dtype=torch.float32, device=g.device)
     norms = _alloc.empty((B,), dtype=torch.float32, device=g.device)
     loss = _alloc.empty((), dtype=torch.float32, device=g.device)
-    _sumsq_partial_kernel[grid(B, D)](g, part, D, nc, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    _gp_finish_kernel[(1,)](part, norms, loss, B, nc, weight / B, BLOCK_B=FINISH_BLOCK_B, BLOCK_C=FINISH_BLOCK_C,
-                            num_warps=4)
+    launch_rows(_sumsq_partial_kernel, B, D, g, part, D)
+    _gp_finish_kernel[launch_grid("_gp_finish_kernel", 1)](part, norms, loss, B, nc, weight / B, BLOCK_B=FINISH_BLOCK_B,
+                                                           BLOCK_C=FINISH_BLOCK_C, num_warps=4)
     return loss, norms
 
 
 def gp_bwd(go: torch.Tensor, g: torch.Tensor, norms: torch.Tensor, weight: float) -> torch.Tensor:
     B, D = g.shape
     out = _alloc.empty((B, D), dtype=g.dtype, device=g.device)
-    _gp_bwd_kernel[grid(B, D)](go, g, norms, out, D, 2.0 * weight / B, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    launch_rows(_gp_bwd_kernel, B, D, go, g, norms, out, D, 2.0 * weight / B)
     return out
 
 
@@ -191,18 +189,18 @@ def _adv_bwd_kernel(gout_ptr, r_ptr, f_ptr, gr_ptr, gf_ptr, NR, NF, HAS_REAL: tl
         m = idx < NR
         r = tl.load(r_ptr + idx, mask=m, other=0.0).to(tl.float32)
         # d softplus(-r)/dr = -sigmoid(-r)
-        tl.store(gr_ptr + idx, (-gd / NR * _sigmoid(-r)).to(gr_ptr.dtype.element_ty), mask=m)
+        tl.store(gr_ptr + idx, to_dtype(-gd / NR * _sigmoid(-r), gr_ptr.dtype.element_ty), mask=m)
     m = idx < NF
     f = tl.load(f_ptr + idx, mask=m, other=0.0).to(tl.float32)
     gf = (gd * _sigmoid(f) - gg * _sigmoid(-f)) / NF
-    tl.store(gf_ptr + idx, gf.to(gf_ptr.dtype.element_ty), mask=m)
+    tl.store(gf_ptr + idx, to_dtype(gf, gf_ptr.dtype.element_ty), mask=m)
 
 
 def adv_fwd(real: torch.Tensor | None, fake: torch.Tensor) -> torch.Tensor:
     """Flat contiguous logits. Returns fp32 (2,) = [discriminator loss, generator loss]."""
     out = _alloc.empty((2,), dtype=torch.float32, device=fake.device)
     nr = real.numel() if real is not None else 1
-    _adv_fwd_kernel[(1,)](real if real is not None else fake, fake, out, nr, fake.numel(),
+    _adv_fwd_kernel[launch_grid("_adv_fwd_kernel", 1)](real if real is not None else fake, fake, out, nr, fake.numel(),
                           HAS_REAL=real is not None, BLOCK=LOSS_BLOCK, num_warps=4)
     return out
 
@@ -212,7 +210,7 @@ def adv_bwd(gout: torch.Tensor, real: torch.Tensor | None, fake: torch.Tensor
     nr = real.numel() if real is not None else 0
     gr = _alloc.empty(real.shape, dtype=real.dtype, device=real.device) if real is not None else None
     gf = _alloc.empty(fake.shape, dtype=fake.dtype, device=fake.device)
-    grid = (triton.cdiv(max(nr, fake.numel()), LOSS_BLOCK),)
+    grid = launch_grid("_adv_bwd_kernel", triton.cdiv(max(nr, fake.numel()), LOSS_BLOCK))
     _adv_bwd_kernel[grid](gout, real if real is not None else fake, fake, gr if gr is not None else gf, gf,
                           max(nr, 1), fake.numel(), HAS_REAL=real is not None, BLOCK=LOSS_BLOCK, num_warps=4)
     return gr, gf

@@ -26,8 +26,19 @@ Layouts: every tensor is addressed through its (batch, head, row, dim) strides, 
 (tails masked). The additive mask is read per tile; its gradient is not computed.
 
 Precision: dots accumulate in fp32; P and dS are rounded to the input dtype before the second dot
-(as FA2 does). fp32 inputs use ``tl.dot``'s default precision, which is TF32 on NVIDIA tensor
-cores (exact fp32 under the CPU interpreter).
+(as FA2 does). fp32 dots follow ``torch.get_float32_matmul_precision()`` (read by the launcher on the
+host, passed as the ``PREC`` constexpr): ``"highest"`` runs IEEE fp32, ``"high"``/``"medium"`` TF32 tensor
+cores. GEMM operands go through ``kernels._common.to_dot``/``dot``, so under the CPU interpreter the
+kernels round exactly where the GPU rounds (16-bit round-to-nearest-even, TF32 operand truncation).
+
+Grids are one-dimensional ((batch*head) x tiles on axis 0: CUDA caps axes 1 and 2 at 65,535, and
+AnimateDiff's temporal attention has B*H = 65,536) and computed through ``kernels._common.launch_grid``.
+Row indices are int64, so row x stride products within a slice may pass 2^31 (a dense (B, H, L, L) mask
+with L >= 46,341). A query row whose keys are all masked (-inf) gives output 0 (as SDPA) and lse +inf,
+so its backward recomputes p = 0: zero, finite gradients.
+
+Tile configs: :func:`fwd_configs` / :func:`bwd_configs` (registered as ``"attention.fwd"`` /
+``"attention.bwd"`` for ``kernels._common.gpu_configs``; ``force_config`` overrides them).
 
 No validation or dispatch here: call :func:`fastdistill.fused_attention`.
 """
@@ -38,7 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdistill import _alloc, _triton
+from fastdistill import _alloc
+from fastdistill.kernels._common import (TL_DTYPE, TileConfig, dot, forced_config, fp32_precision, interpret,
+                                         launch_grid, register_configs, to_dot)
 
 LOG2E = 1.4426950408889634  # log2(e): the kernels work with exp2, the base-2 exponent
 
@@ -62,17 +75,6 @@ def split_head_dim(d: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _mm(a, b, DOT_F32: tl.constexpr):
-    # DOT_F32: Triton's CPU interpreter multiplies bf16 operands as their raw uint16 storage
-    # (numpy has no bf16), so under the interpreter bf16 tiles are upcast first. Products of bf16
-    # values are exact in fp32, so this matches the GPU's bf16 x bf16 -> fp32 tensor-core dot.
-    if DOT_F32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b)
-
-
-@triton.jit
 def _attn_fwd(
     Q, K, V, Bias, Out, Lse,
     sqb, sqh, sqm, sqd,
@@ -82,10 +84,13 @@ def _attn_fwd(
     smb, smh, smm, smn,
     H, Lq, Lk, D: tl.constexpr, qk_scale,
     HAS_BIAS: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # One grid axis: (batch*head) x query tiles, query tiles fastest (CUDA caps axes 1 and 2 at 65,535).
+    n_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_m
+    pid_bh = pid // n_m
     # int64 bases: B*H*L*D may exceed 2^31 elements.
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -94,8 +99,10 @@ def _attn_fwd(
     v_base = V + b * svb + h * svh
     o_base = Out + b * sob + h * soh
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_nb = tl.arange(0, BLOCK_N)
+    # int64 rows: a row index times a row stride can pass 2^31 within one (batch, head) slice
+    # (a dense (B, H, L, L) mask with L >= 46,341; "blhd" layouts with large H*D).
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_nb = tl.arange(0, BLOCK_N).to(tl.int64)
     offs_d0 = tl.arange(0, D0)
     valid_m = offs_m < Lq
     in_d0 = offs_d0 < D
@@ -119,11 +126,11 @@ def _attn_fwd(
         valid_n = offs_n < Lk
         k0 = tl.load(k_base + offs_n[None, :] * skn + offs_d0[:, None] * skd,
                      mask=valid_n[None, :] & in_d0[:, None], other=0.0)
-        s = _mm(q0, k0, DOT_F32)
+        s = dot(q0, k0, None, PREC)
         if D1 > 0:
             k1 = tl.load(k_base + offs_n[None, :] * skn + offs_d1[:, None] * skd,
                          mask=valid_n[None, :] & in_d1[:, None], other=0.0)
-            s += _mm(q1, k1, DOT_F32)
+            s += dot(q1, k1, None, PREC)
         s = s * qk_scale
         if HAS_BIAS:
             bias = tl.load(bias_base + offs_m[:, None] * smm + offs_n[None, :] * smn,
@@ -138,22 +145,27 @@ def _attn_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)
         v0 = tl.load(v_base + offs_n[:, None] * svn + offs_d0[None, :] * svd,
                      mask=valid_n[:, None] & in_d0[None, :], other=0.0)
-        p_lo = p.to(v0.dtype)
-        acc0 = acc0 * alpha[:, None] + _mm(p_lo, v0, DOT_F32)
+        p_lo = to_dot(p, DOT)
+        acc0 = acc0 * alpha[:, None] + dot(p_lo, v0, None, PREC)
         if D1 > 0:
             v1 = tl.load(v_base + offs_n[:, None] * svn + offs_d1[None, :] * svd,
                          mask=valid_n[:, None] & in_d1[None, :], other=0.0)
-            acc1 = acc1 * alpha[:, None] + _mm(p_lo, v1, DOT_F32)
+            acc1 = acc1 * alpha[:, None] + dot(p_lo, v1, None, PREC)
         m_i = m_new
 
-    inv_l = 1.0 / l_i
+    # A row whose keys are all masked (-inf bias) has l_i == 0: its output is 0, as SDPA gives, and its
+    # lse is +inf, so the backward's recomputed p = exp2(s - lse) is 0 (zero, finite gradients).
+    live = l_i > 0
+    l_safe = tl.where(live, l_i, 1.0)
+    inv_l = tl.where(live, 1.0 / l_safe, 0.0)
     tl.store(o_base + offs_m[:, None] * som + offs_d0[None, :] * sod,
              (acc0 * inv_l[:, None]).to(Out.dtype.element_ty), mask=valid_m[:, None] & in_d0[None, :])
     if D1 > 0:
         tl.store(o_base + offs_m[:, None] * som + offs_d1[None, :] * sod,
                  (acc1 * inv_l[:, None]).to(Out.dtype.element_ty), mask=valid_m[:, None] & in_d1[None, :])
     # Lse is (B*H, Lq) contiguous fp32, base 2.
-    tl.store(Lse + pid_bh.to(tl.int64) * Lq + offs_m, m_i + tl.math.log2(l_i), mask=valid_m)
+    lse2 = tl.where(live, m_i + tl.math.log2(l_safe), float("inf"))
+    tl.store(Lse + pid_bh.to(tl.int64) * Lq + offs_m, lse2, mask=valid_m)
 
 
 @triton.jit
@@ -164,11 +176,13 @@ def _attn_bwd_preprocess(
     H, Lq, D: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    n_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_m
+    pid_bh = pid // n_m
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     valid_m = offs_m < Lq
     offs_d0 = tl.arange(0, D0)
     msk = valid_m[:, None] & (offs_d0[None, :] < D)
@@ -196,20 +210,22 @@ def _attn_bwd_dkdv(
     sgb, sgh, sgn, sgd,
     H, Lq, Lk, D: tl.constexpr, qk_scale, sm_scale,
     HAS_BIAS: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     # One program per (key tile, batch*head): dV = P^T dO, dK = scale * dS^T Q, dS = P * (dP - delta).
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    n_n = tl.cdiv(Lk, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % n_n
+    pid_bh = pid // n_n
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     q_base = Q + b * sqb + h * sqh
     do_base = dO + b * sdb + h * sdh
     row_base = pid_bh.to(tl.int64) * Lq
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     valid_n = offs_n < Lk
-    offs_mb = tl.arange(0, BLOCK_M)
+    offs_mb = tl.arange(0, BLOCK_M).to(tl.int64)
     offs_d0 = tl.arange(0, D0)
     in_d0 = offs_d0 < D
     kv_msk0 = valid_n[:, None] & in_d0[None, :]
@@ -235,11 +251,11 @@ def _attn_bwd_dkdv(
         valid_m = offs_m < Lq
         qT0 = tl.load(q_base + offs_m[None, :] * sqm + offs_d0[:, None] * sqd,
                       mask=valid_m[None, :] & in_d0[:, None], other=0.0)
-        sT = _mm(k0, qT0, DOT_F32)
+        sT = dot(k0, qT0, None, PREC)
         if D1 > 0:
             qT1 = tl.load(q_base + offs_m[None, :] * sqm + offs_d1[:, None] * sqd,
                           mask=valid_m[None, :] & in_d1[:, None], other=0.0)
-            sT += _mm(k1, qT1, DOT_F32)
+            sT += dot(k1, qT1, None, PREC)
         sT = sT * qk_scale
         if HAS_BIAS:
             biasT = tl.load(bias_base + offs_m[None, :] * smm + offs_n[:, None] * smn,
@@ -251,18 +267,18 @@ def _attn_bwd_dkdv(
         pT = tl.where(valid_m[None, :] & valid_n[:, None], pT, 0.0)
         do0 = tl.load(do_base + offs_m[:, None] * sdm + offs_d0[None, :] * sdd,
                       mask=valid_m[:, None] & in_d0[None, :], other=0.0)
-        pT_lo = pT.to(do0.dtype)
-        dv0 += _mm(pT_lo, do0, DOT_F32)
-        dpT = _mm(v0, tl.trans(do0), DOT_F32)
+        pT_lo = to_dot(pT, DOT)
+        dv0 += dot(pT_lo, do0, None, PREC)
+        dpT = dot(v0, tl.trans(do0), None, PREC)
         if D1 > 0:
             do1 = tl.load(do_base + offs_m[:, None] * sdm + offs_d1[None, :] * sdd,
                           mask=valid_m[:, None] & in_d1[None, :], other=0.0)
-            dv1 += _mm(pT_lo, do1, DOT_F32)
-            dpT += _mm(v1, tl.trans(do1), DOT_F32)
-        dsT = (pT * (dpT - delta[None, :])).to(qT0.dtype)
-        dk0 += _mm(dsT, tl.trans(qT0), DOT_F32)
+            dv1 += dot(pT_lo, do1, None, PREC)
+            dpT += dot(v1, tl.trans(do1), None, PREC)
+        dsT = to_dot(pT * (dpT - delta[None, :]), DOT)
+        dk0 += dot(dsT, tl.trans(qT0), None, PREC)
         if D1 > 0:
-            dk1 += _mm(dsT, tl.trans(qT1), DOT_F32)
+            dk1 += dot(dsT, tl.trans(qT1), None, PREC)
 
     dk_base = dK + b * sgb + h * sgh
     dv_base = dV + b * sgb + h * sgh
@@ -287,20 +303,22 @@ def _attn_bwd_dq(
     sgb, sgh, sgm, sgd,
     H, Lq, Lk, D: tl.constexpr, qk_scale, sm_scale,
     HAS_BIAS: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     # One program per (query tile, batch*head): dQ = scale * dS K.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    n_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_m
+    pid_bh = pid // n_m
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     row_base = pid_bh.to(tl.int64) * Lq
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     valid_m = offs_m < Lq
-    offs_nb = tl.arange(0, BLOCK_N)
+    offs_nb = tl.arange(0, BLOCK_N).to(tl.int64)
     offs_d0 = tl.arange(0, D0)
     in_d0 = offs_d0 < D
     q_msk0 = valid_m[:, None] & in_d0[None, :]
@@ -328,15 +346,15 @@ def _attn_bwd_dq(
                       mask=valid_n[None, :] & in_d0[:, None], other=0.0)
         vT0 = tl.load(v_base + offs_n[None, :] * svn + offs_d0[:, None] * svd,
                       mask=valid_n[None, :] & in_d0[:, None], other=0.0)
-        s = _mm(q0, kT0, DOT_F32)
-        dp = _mm(do0, vT0, DOT_F32)
+        s = dot(q0, kT0, None, PREC)
+        dp = dot(do0, vT0, None, PREC)
         if D1 > 0:
             kT1 = tl.load(k_base + offs_n[None, :] * skn + offs_d1[:, None] * skd,
                           mask=valid_n[None, :] & in_d1[:, None], other=0.0)
             vT1 = tl.load(v_base + offs_n[None, :] * svn + offs_d1[:, None] * svd,
                           mask=valid_n[None, :] & in_d1[:, None], other=0.0)
-            s += _mm(q1, kT1, DOT_F32)
-            dp += _mm(do1, vT1, DOT_F32)
+            s += dot(q1, kT1, None, PREC)
+            dp += dot(do1, vT1, None, PREC)
         s = s * qk_scale
         if HAS_BIAS:
             bias = tl.load(bias_base + offs_m[:, None] * smm + offs_n[None, :] * smn,
@@ -344,10 +362,10 @@ def _attn_bwd_dq(
             s += bias.to(tl.float32) * 1.4426950408889634
         p = tl.math.exp2(s - lse[:, None])
         p = tl.where(valid_m[:, None] & valid_n[None, :], p, 0.0)
-        ds = (p * (dp - delta[:, None])).to(q0.dtype)
-        dq0 += _mm(ds, tl.trans(kT0), DOT_F32)
+        ds = to_dot(p * (dp - delta[:, None]), DOT)
+        dq0 += dot(ds, tl.trans(kT0), None, PREC)
         if D1 > 0:
-            dq1 += _mm(ds, tl.trans(kT1), DOT_F32)
+            dq1 += dot(ds, tl.trans(kT1), None, PREC)
 
     dq_base = dQ + b * sgb + h * sgh
     tl.store(dq_base + offs_m[:, None] * sgm + offs_d0[None, :] * sgd, (dq0 * sm_scale).to(dQ.dtype.element_ty),
@@ -378,17 +396,22 @@ def _pow2_at_least_16(n: int, cap: int) -> int:
 
 
 def _fwd_config(d_pad: int, lq: int, lk: int, elem_bytes: int = 2) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, by padded head dim.
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, by padded head dim ``D0 + D1``.
 
-    Shared memory (checked by compiling for sm_90 and sm_80): 16-bit inputs stay under 100 KB; fp32
-    tiles are twice as large, so fp32 uses half the query tile and two stages (<= 164 KB, A100's limit).
+    16-bit inputs, chosen by compiling the masked forward (the heaviest: a float mask with an unaligned
+    row stride, Lk = 77) for sm_90: no spills (ptxas, bytes per thread). The previous (128, 64, 4 warps,
+    3 stages) spilled 5,308 B at d=40 and 324 B at d=64, and (128, 64, 8, 3) 1,664 B at d=128; 128-row
+    query tiles with 8 warps keep one 64-row wgmma tile per warpgroup. fp32 tiles are twice as large:
+    fp32 uses half the query tile and two stages (shared memory <= 164 KB, A100's limit).
     """
     if d_pad <= 64:
-        bm, bn, warps, stages = 128, 64, 4, 3
+        bm, bn, warps, stages = 128, 32, 8, 3  # sm_90 regs: 123 (d=40), 235 (d=64)
+    elif d_pad <= 96:
+        bm, bn, warps, stages = 128, 64, 8, 3  # 223 (d=80, d=96)
     elif d_pad <= 128:
-        bm, bn, warps, stages = 128, 64, 8, 3
+        bm, bn, warps, stages = 128, 32, 8, 3  # 247 (d=128)
     else:
-        bm, bn, warps, stages = 64, 32, 8, 2
+        bm, bn, warps, stages = 64, 32, 8, 2  # 138 (d=160), 226 (d=256)
     if elem_bytes > 2:
         bm, stages = max(32, bm // 2), 2
     # Short sequences (cross-attention over 77 tokens, length 1): do not loop over empty tile rows.
@@ -396,46 +419,94 @@ def _fwd_config(d_pad: int, lq: int, lk: int, elem_bytes: int = 2) -> tuple[int,
 
 
 def _bwd_config(d_pad: int, elem_bytes: int = 2) -> tuple[int, int, int, int, int, int]:
-    """(dkdv BLOCK_M, dkdv BLOCK_N, dq BLOCK_M, dq BLOCK_N, num_warps, num_stages)."""
-    if d_pad <= 64:
-        return (32, 128, 128, 32, 4, 3) if elem_bytes <= 2 else (32, 64, 64, 32, 4, 2)
+    """(dkdv BLOCK_M, dkdv BLOCK_N, dq BLOCK_M, dq BLOCK_N, num_warps, num_stages).
+
+    16-bit: no spills on sm_90 for the masked backward at Lk = 77 (the previous configs spilled 224/248 B
+    at d=64, 88 B at d=128 and 212/20 B at d=160)."""
+    if elem_bytes > 2:
+        if d_pad <= 64:
+            return 32, 64, 64, 32, 4, 2
+        if d_pad <= 128:
+            return 32, 64, 64, 32, 4, 2
+        return 16, 32, 32, 16, 8, 1
+    if d_pad <= 48:
+        return 32, 128, 128, 32, 4, 3  # sm_90 regs 251 / 242 (dkdv / dq, d=40)
+    if d_pad <= 96:
+        return 32, 64, 64, 32, 4, 2  # 168 / 189 (d=64), 221 / 227 (d=80), 242 / 183 (d=96)
     if d_pad <= 128:
-        return 32, 64, 64, 32, 4, 2
-    return 16, 32, 32, 16, 8, 1
+        return 32, 64, 64, 32, 8, 2  # 178 / 166 (d=128)
+    if d_pad <= 160:
+        return 32, 64, 64, 32, 8, 1  # 248 / 207 (d=160)
+    return 16, 32, 32, 16, 8, 1  # 174 / 255 (d=256)
 
 
-def _dot_f32(t: torch.Tensor) -> bool:
-    return t.dtype == torch.bfloat16 and _triton.interpret_mode()
+def _elem_bytes(dtype: torch.dtype) -> int:
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"attention: no kernel for {dtype}")
+    return torch.empty((), dtype=dtype).element_size()
 
 
-def _interp_cap(block: int, length: int) -> int:
-    # Under the interpreter a block is numpy work over the whole tile; size it to the data.
-    return _pow2_at_least_16(length, block) if _triton.interpret_mode() else block
+@register_configs("attention.fwd")
+def fwd_configs(head_dim: int, lq: int, lk: int, dtype: torch.dtype = torch.bfloat16) -> list[TileConfig]:
+    """The forward's GPU config for a problem (one: the forward is not autotuned)."""
+    d0, d1 = split_head_dim(head_dim)
+    bm, bn, warps, stages = _fwd_config(d0 + d1, lq, lk, _elem_bytes(dtype))
+    return [TileConfig({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)]
+
+
+@register_configs("attention.bwd")
+def bwd_configs(head_dim: int, lq: int, lk: int, dtype: torch.dtype = torch.bfloat16) -> list[TileConfig]:
+    """The backward's GPU config (dK/dV and dQ kernels; one: not autotuned)."""
+    d0, d1 = split_head_dim(head_dim)
+    kv_bm, kv_bn, q_bm, q_bn, warps, stages = _bwd_config(d0 + d1, _elem_bytes(dtype))
+    return [TileConfig({"KV_BLOCK_M": kv_bm, "KV_BLOCK_N": kv_bn, "Q_BLOCK_M": q_bm, "Q_BLOCK_N": q_bn},
+                       num_warps=warps, num_stages=stages)]
+
+
+def _config(kernel: str, head_dim: int, lq: int, lk: int, dtype: torch.dtype) -> TileConfig:
+    """The forced config, else the GPU config (under the interpreter with tiles capped to the data:
+    a block is numpy work over the whole tile there)."""
+    cfg = forced_config(kernel)
+    if cfg is not None:
+        return cfg
+    fn = fwd_configs if kernel == "attention.fwd" else bwd_configs
+    cfg = fn(head_dim, lq, lk, dtype)[0]
+    if interpret():
+        caps = {"BLOCK_M": lq, "BLOCK_N": lk, "KV_BLOCK_M": lq, "KV_BLOCK_N": lk, "Q_BLOCK_M": lq, "Q_BLOCK_N": lk}
+        cfg = TileConfig({k: _pow2_at_least_16(caps[k], v) for k, v in cfg.blocks}, cfg.num_warps, cfg.num_stages)
+    return cfg
+
+
+def _dot_args(t: torch.Tensor) -> dict:
+    """``DOT`` (the GEMM operand dtype) and ``PREC`` (fp32: torch's fp32 matmul precision policy)."""
+    return dict(DOT=TL_DTYPE[t.dtype], PREC=fp32_precision() if t.dtype == torch.float32 else None)
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                       scale: float, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, lse2)``: out in ``q``'s shape/layout (contiguous), lse2 fp32 (B, H, Lq), base 2.
 
-    ``bias`` is None or a 4-D (B|1, H|1, Lq|1, Lk) tensor (broadcast dims read with stride 0).
+    ``bias`` is None or a 4-D (B|1, H|1, Lq|1, Lk) tensor (broadcast dims read with stride 0). A query row
+    whose keys are all masked gets output 0 and lse2 = +inf.
     """
     B, H, Lq, D = dims(q, layout)
     Lk = dims(k, layout)[2]
     d0, d1 = split_head_dim(D)
-    bm, bn, warps, stages = _fwd_config(d0 + d1, Lq, Lk, q.element_size())
+    cfg = _config("attention.fwd", D, Lq, Lk, q.dtype)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     out = _alloc.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = _alloc.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    if B * H == 0:
+    if B * H == 0 or Lq == 0:
         return out, lse
     mstr = _bias_strides(bias)
-    grid = (triton.cdiv(Lq, bm), B * H)
+    grid = launch_grid("attention.fwd", triton.cdiv(Lq, bm) * B * H)
     _attn_fwd[grid](
         q, k, v, bias if bias is not None else q, out, lse,
         *bhld_strides(q, layout), *bhld_strides(k, layout), *bhld_strides(v, layout), *bhld_strides(out, layout),
         *mstr,
         H, Lq, Lk, D, scale * LOG2E,
-        HAS_BIAS=bias is not None, D0=d0, D1=d1, BLOCK_M=bm, BLOCK_N=bn, DOT_F32=_dot_f32(q),
-        num_warps=warps, num_stages=stages,
+        HAS_BIAS=bias is not None, D0=d0, D1=d1, BLOCK_M=bm, BLOCK_N=bn, **_dot_args(q),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
@@ -454,9 +525,8 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     B, H, Lq, D = dims(q, layout)
     Lk = dims(k, layout)[2]
     d0, d1 = split_head_dim(D)
-    kv_bm, kv_bn, q_bm, q_bn, warps, stages = _bwd_config(d0 + d1, q.element_size())
-    kv_bm, q_bm = _interp_cap(kv_bm, Lq), _interp_cap(q_bm, Lq)
-    kv_bn, q_bn = _interp_cap(kv_bn, Lk), _interp_cap(q_bn, Lk)
+    cfg = _config("attention.bwd", D, Lq, Lk, q.dtype)
+    kv_bm, kv_bn, q_bm, q_bn = cfg["KV_BLOCK_M"], cfg["KV_BLOCK_N"], cfg["Q_BLOCK_M"], cfg["Q_BLOCK_N"]
     pre_bm = _pow2_at_least_16(Lq, 64)
 
     dq = _alloc.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -465,25 +535,28 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     if B * H == 0:
         return dq, dk, dv
     delta = _alloc.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_bm), B * H)](
-        out, do, delta, *bhld_strides(out, layout), *bhld_strides(do, layout), H, Lq, D,
-        D0=d0, D1=d1, BLOCK_M=pre_bm,
-    )
+    if Lq > 0:
+        _attn_bwd_preprocess[launch_grid("attention.bwd_preprocess", triton.cdiv(Lq, pre_bm) * B * H)](
+            out, do, delta, *bhld_strides(out, layout), *bhld_strides(do, layout), H, Lq, D,
+            D0=d0, D1=d1, BLOCK_M=pre_bm,
+        )
     mstr = _bias_strides(bias)
     bias_arg = bias if bias is not None else q
     common = (*bhld_strides(q, layout), *bhld_strides(k, layout), *bhld_strides(v, layout), *mstr,
               *bhld_strides(do, layout))
-    _attn_bwd_dkdv[(triton.cdiv(Lk, kv_bn), B * H)](
-        q, k, v, bias_arg, do, lse, delta, dk, dv, *common, *bhld_strides(dk, layout),
-        H, Lq, Lk, D, scale * LOG2E, scale,
-        HAS_BIAS=bias is not None, D0=d0, D1=d1, BLOCK_M=kv_bm, BLOCK_N=kv_bn, DOT_F32=_dot_f32(q), num_warps=warps, num_stages=stages,
-    )
-    _attn_bwd_dq[(triton.cdiv(Lq, q_bm), B * H)](
-        q, k, v, bias_arg, do, lse, delta, dq, *common, *bhld_strides(dq, layout),
-        H, Lq, Lk, D, scale * LOG2E, scale,
-        HAS_BIAS=bias is not None, D0=d0, D1=d1, BLOCK_M=q_bm, BLOCK_N=q_bn, DOT_F32=_dot_f32(q), num_warps=warps, num_stages=stages,
-    )
+    meta = dict(HAS_BIAS=bias is not None, D0=d0, D1=d1, **_dot_args(q), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+    if Lk > 0:
+        _attn_bwd_dkdv[launch_grid("attention.bwd_dkdv", triton.cdiv(Lk, kv_bn) * B * H)](
+            q, k, v, bias_arg, do, lse, delta, dk, dv, *common, *bhld_strides(dk, layout),
+            H, Lq, Lk, D, scale * LOG2E, scale, BLOCK_M=kv_bm, BLOCK_N=kv_bn, **meta,
+        )
+    if Lq > 0:
+        _attn_bwd_dq[launch_grid("attention.bwd_dq", triton.cdiv(Lq, q_bm) * B * H)](
+            q, k, v, bias_arg, do, lse, delta, dq, *common, *bhld_strides(dq, layout),
+            H, Lq, Lk, D, scale * LOG2E, scale, BLOCK_M=q_bm, BLOCK_N=q_bn, **meta,
+        )
     return dq, dk, dv
 
 
-__all__ = ["split_head_dim", "attention_forward", "attention_backward", "LOG2E"]
+__all__ = ["split_head_dim", "attention_forward", "attention_backward", "LOG2E", "fwd_configs", "bwd_configs"]

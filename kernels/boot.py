@@ -10,8 +10,9 @@ Per sample b (delta_b = 1 - sigma_s alpha_t / (alpha_s sigma_t)), all in fp32::
 The conversion to x space divides by alpha_t, which is small near t = T (SD: 0.068): doing it in
 fp32 inside the kernel avoids both the precision loss of bf16 arithmetic and the temporaries.
 
-Forward: one program per (D-chunk, sample) writes the partial sum of squares; one small program
-reduces the (B, n_chunks) partials with the per-sample weights (deterministic, no atomics).
+Forward: one program per (D-chunk, sample) (folded into grid axis 0: any batch size) writes the
+partial sum of squares; one small program reduces the (B, n_chunks) partials with the per-sample
+weights (deterministic, no atomics).
 The gradient d loss / d y_s = 2 w_b (y_s - target) / (delta_b^2 B D) needs no reduction result, so
 when y_s requires grad the forward writes it too (one extra write instead of re-reading five inputs);
 the backward only multiplies it by the upstream gradient. No validation or dispatch here: call :func:`fastdistill.boot_loss`.
@@ -25,7 +26,8 @@ import triton.language as tl
 
 from fastdistill import _alloc
 
-from .diffusion_steps import BLOCK, FINISH_BLOCK_B, FINISH_BLOCK_C, NUM_WARPS, _row_sums, grid, n_chunks
+from ._common import (FINISH_BLOCK_B, FINISH_BLOCK_C, ROW_BLOCK, ROW_NUM_WARPS, launch_grid, launch_rows, n_chunks,
+                      row_program, row_sums, to_dtype)
 
 
 @triton.jit
@@ -63,21 +65,20 @@ def _boot_diff(ys_ptr, yt_ptr, f_ptr, fu_ptr, xt_ptr, gs_ptr, at_ptr, st_ptr, as
 
 @triton.jit
 def _boot_partial_kernel(ys_ptr, yt_ptr, f_ptr, fu_ptr, xt_ptr, gs_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, w_ptr,
-                         part_ptr, grad_ptr, D, NCHUNK, two_inv_n, PRED: tl.constexpr, HAS_UNCOND: tl.constexpr,
-                         WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+                         part_ptr, grad_ptr, D, two_inv_n, pid0, NCHUNK, PRED: tl.constexpr,
+                         HAS_UNCOND: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    pid_d, b = row_program(pid0, NCHUNK)
     cols = pid_d * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
-    offs = b.to(tl.int64) * D + cols
+    offs = b * D + cols
     d, delta = _boot_diff(ys_ptr, yt_ptr, f_ptr, fu_ptr, xt_ptr, gs_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, b, offs,
                           mask, PRED, HAS_UNCOND)
-    tl.store(part_ptr + b.to(tl.int64) * NCHUNK + pid_d, tl.sum(d * d, axis=0))
+    tl.store(part_ptr + b * NCHUNK + pid_d, tl.sum(d * d, axis=0))
     if WRITE_GRAD:
         # d loss / d y_s needs no reduction result: write it now, while the inputs are in registers,
         # instead of re-reading all five inputs in the backward (8 N instead of 11 N bytes in all).
         scale = two_inv_n * tl.load(w_ptr + b) / (delta * delta)
-        tl.store(grad_ptr + offs, (d * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + offs, to_dtype(d * scale, grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -87,7 +88,7 @@ def _boot_finish_kernel(part_ptr, w_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, loss_pt
     for b0 in range(0, B, BLOCK_B):
         rb = b0 + tl.arange(0, BLOCK_B)
         mb = rb < B
-        sq = _row_sums(part_ptr, rb, mb, NCHUNK, BLOCK_B, BLOCK_C)
+        sq = row_sums(part_ptr, rb, mb, NCHUNK, BLOCK_B, BLOCK_C)
         alpha_t = tl.load(at_ptr + rb, mask=mb, other=1.0)
         sigma_t = tl.load(st_ptr + rb, mask=mb, other=1.0)
         alpha_s = tl.load(as_ptr + rb, mask=mb, other=1.0)
@@ -104,7 +105,7 @@ def _scale_kernel(go_ptr, g_ptr, out_ptr, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, (g * tl.load(go_ptr).to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, to_dtype(g * tl.load(go_ptr).to(tl.float32), out_ptr.dtype.element_ty), mask=mask)
 
 
 def boot_loss_fwd(ys: torch.Tensor, yt: torch.Tensor, f: torch.Tensor, fu: torch.Tensor | None,
@@ -121,12 +122,12 @@ def boot_loss_fwd(ys: torch.Tensor, yt: torch.Tensor, f: torch.Tensor, fu: torch
     part = _alloc.empty((B, nc), dtype=torch.float32, device=ys.device)
     loss = _alloc.empty((), dtype=torch.float32, device=ys.device)
     grad = _alloc.empty((B, D) if need_grad else (0,), dtype=ys.dtype, device=ys.device)
-    _boot_partial_kernel[grid(B, D)](ys, yt, f, fu if fu is not None else f, xt if xt is not None else f, gs,
-                                  at, st, as_, ss, w, part, grad if need_grad else part, D, nc, 2.0 / (B * D),
-                                  PRED=pred, HAS_UNCOND=fu is not None, WRITE_GRAD=need_grad, BLOCK=BLOCK,
-                                  num_warps=NUM_WARPS)
-    _boot_finish_kernel[(1,)](part, w, at, st, as_, ss, loss, B, nc, 1.0 / (B * D), BLOCK_B=FINISH_BLOCK_B,
-                              BLOCK_C=FINISH_BLOCK_C, num_warps=4)
+    launch_rows(_boot_partial_kernel, B, D, ys, yt, f, fu if fu is not None else f, xt if xt is not None else f,
+                gs, at, st, as_, ss, w, part, grad if need_grad else part, D, 2.0 / (B * D),
+                PRED=pred, HAS_UNCOND=fu is not None, WRITE_GRAD=need_grad)
+    _boot_finish_kernel[launch_grid("_boot_finish_kernel", 1)](
+        part, w, at, st, as_, ss, loss, B, nc, 1.0 / (B * D), BLOCK_B=FINISH_BLOCK_B, BLOCK_C=FINISH_BLOCK_C,
+        num_warps=4)
     return loss, grad
 
 
@@ -135,5 +136,6 @@ def scale_grad(go: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     out = _alloc.empty(grad.shape, dtype=grad.dtype, device=grad.device)
     n = grad.numel()
     if n:
-        _scale_kernel[(triton.cdiv(n, BLOCK),)](go, grad, out, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _scale_kernel[launch_grid("boot._scale_kernel", triton.cdiv(n, ROW_BLOCK))](go, grad, out, n, BLOCK=ROW_BLOCK,
+                                                                                  num_warps=ROW_NUM_WARPS)
     return out

@@ -2,8 +2,9 @@
 truncated-SNR PD loss. Forward and backward Triton kernels plus thin launchers.
 
 Layout: every tensor is viewed as (B, D) contiguous (D = prod of the non-batch dims). Elementwise
-kernels run on a 2-D grid (D-chunk, sample); each program reads its sample's coefficients once
-(scalar loads), so there are no broadcast temporaries. Offsets are int64 (B*D may pass 2^31).
+kernels run one program per (D-chunk, sample), folded into grid axis 0 (``_common.launch_rows``: any
+batch size, no 65,535 limit); each program reads its sample's coefficients once (scalar loads), so
+there are no broadcast temporaries. Sample indices and offsets are int64 (B*D may pass 2^31).
 
 Precision: inputs of any float dtype are loaded and converted to fp32; every coefficient and
 every conversion (notably x = (x_t - sigma*eps)/alpha, where alpha is small near t = T) is done in
@@ -23,26 +24,10 @@ import triton.language as tl
 
 from fastdistill import _alloc
 
-BLOCK = 2048  # elements per program; 8 KiB of fp32 per operand, enough in flight to saturate HBM
-NUM_WARPS = 8
-FINISH_BLOCK_B = 32
-FINISH_BLOCK_C = 64
+from ._common import (FINISH_BLOCK_B, FINISH_BLOCK_C, launch_grid, launch_rows, n_chunks, row_program, row_sums,
+                      to_dtype)
+
 # prediction types are passed as the constexpr PRED: 0 epsilon, 1 sample, 2 v_prediction
-
-
-MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension, which indexes the sample
-
-
-def n_chunks(d: int) -> int:
-    return triton.cdiv(d, BLOCK)
-
-
-def grid(b: int, d: int) -> tuple[int, int]:
-    """(D-chunks, samples) launch grid of the per-sample kernels."""
-    if b > MAX_GRID_Y:
-        raise ValueError(f"fastdistill: batch size {b} exceeds {MAX_GRID_Y}, the largest batch the per-sample "
-                         f"kernels launch (split the batch)")
-    return (n_chunks(d), b)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,13 +50,12 @@ def _ddim_coefs(ac_ptr, t_ptr, p_ptr, b, final_ac):
 
 
 @triton.jit
-def _ddim_fwd_kernel(x_ptr, m_ptr, prev_ptr, x0_ptr, ac_ptr, t_ptr, p_ptr, final_ac, D,
+def _ddim_fwd_kernel(x_ptr, m_ptr, prev_ptr, x0_ptr, ac_ptr, t_ptr, p_ptr, final_ac, D, pid0, NCHUNK,
                      PRED: tl.constexpr, BLOCK: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+    pid_d, b = row_program(pid0, NCHUNK)
     cols = pid_d * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
-    offs = b.to(tl.int64) * D + cols
+    offs = b * D + cols
     alpha, sigma, alpha_p, sigma_p = _ddim_coefs(ac_ptr, t_ptr, p_ptr, b, final_ac)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -86,19 +70,18 @@ def _ddim_fwd_kernel(x_ptr, m_ptr, prev_ptr, x0_ptr, ac_ptr, t_ptr, p_ptr, final
         x0 = alpha * x - sigma * m
         eps = alpha * m + sigma * x
     prev = alpha_p * x0 + sigma_p * eps
-    tl.store(prev_ptr + offs, prev.to(prev_ptr.dtype.element_ty), mask=mask)
-    tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+    tl.store(prev_ptr + offs, to_dtype(prev, prev_ptr.dtype.element_ty), mask=mask)
+    tl.store(x0_ptr + offs, to_dtype(x0, x0_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _ddim_bwd_kernel(gprev_ptr, gx0_ptr, gx_ptr, gm_ptr, ac_ptr, t_ptr, p_ptr, final_ac, D,
+def _ddim_bwd_kernel(gprev_ptr, gx0_ptr, gx_ptr, gm_ptr, ac_ptr, t_ptr, p_ptr, final_ac, D, pid0, NCHUNK,
                      PRED: tl.constexpr, HAS_GPREV: tl.constexpr, HAS_GX0: tl.constexpr,
                      BLOCK: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+    pid_d, b = row_program(pid0, NCHUNK)
     cols = pid_d * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
-    offs = b.to(tl.int64) * D + cols
+    offs = b * D + cols
     alpha, sigma, alpha_p, sigma_p = _ddim_coefs(ac_ptr, t_ptr, p_ptr, b, final_ac)
     # Adjoint of prev = alpha_p*x0 + sigma_p*eps: total cotangents of x0 and eps.
     g_x0 = tl.zeros([BLOCK], tl.float32)
@@ -118,8 +101,8 @@ def _ddim_bwd_kernel(gprev_ptr, gx0_ptr, gx_ptr, gm_ptr, ac_ptr, t_ptr, p_ptr, f
     else:  # x0 = alpha*x - sigma*m, eps = alpha*m + sigma*x
         gx = alpha * g_x0 + sigma * g_eps
         gm = alpha * g_eps - sigma * g_x0
-    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-    tl.store(gm_ptr + offs, gm.to(gm_ptr.dtype.element_ty), mask=mask)
+    tl.store(gx_ptr + offs, to_dtype(gx, gx_ptr.dtype.element_ty), mask=mask)
+    tl.store(gm_ptr + offs, to_dtype(gm, gm_ptr.dtype.element_ty), mask=mask)
 
 
 def ddim_step_fwd(x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, p: torch.Tensor, ac: torch.Tensor,
@@ -129,8 +112,7 @@ def ddim_step_fwd(x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, p: torch.Te
     prev = _alloc.empty((B, D), dtype=out_dtype, device=x.device)
     x0 = _alloc.empty((B, D), dtype=out_dtype, device=x.device)
     if B * D:
-        _ddim_fwd_kernel[grid(B, D)](x, m, prev, x0, ac, t, p, float(final_ac), D,
-                                           PRED=pred, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        launch_rows(_ddim_fwd_kernel, B, D, x, m, prev, x0, ac, t, p, float(final_ac), D, PRED=pred)
     return prev, x0
 
 
@@ -143,10 +125,10 @@ def ddim_step_bwd(g_prev: torch.Tensor | None, g_x0: torch.Tensor | None, t: tor
     gm = _alloc.empty((B, D), dtype=m_dtype, device=device)
     if B * D:
         dummy = gx  # never read when the matching HAS_* flag is off
-        _ddim_bwd_kernel[grid(B, D)](
-            g_prev if g_prev is not None else dummy, g_x0 if g_x0 is not None else dummy, gx, gm,
-            ac, t, p, float(final_ac), D, PRED=pred, HAS_GPREV=g_prev is not None,
-            HAS_GX0=g_x0 is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        launch_rows(_ddim_bwd_kernel, B, D,
+                    g_prev if g_prev is not None else dummy, g_x0 if g_x0 is not None else dummy, gx, gm,
+                    ac, t, p, float(final_ac), D, PRED=pred, HAS_GPREV=g_prev is not None,
+                    HAS_GX0=g_x0 is not None)
     return gx, gm
 
 
@@ -167,31 +149,29 @@ def _pd_target_coefs(at_ptr, st_ptr, as_ptr, ss_ptr, b):
 
 
 @triton.jit
-def _pd_target_fwd_kernel(zt_ptr, zs_ptr, xo_ptr, eo_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, D,
+def _pd_target_fwd_kernel(zt_ptr, zs_ptr, xo_ptr, eo_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, D, pid0, NCHUNK,
                           BLOCK: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+    pid_d, b = row_program(pid0, NCHUNK)
     cols = pid_d * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
-    offs = b.to(tl.int64) * D + cols
+    offs = b * D + cols
     alpha_t, sigma_t, frac, den = _pd_target_coefs(at_ptr, st_ptr, as_ptr, ss_ptr, b)
     zt = tl.load(zt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     zs = tl.load(zs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # Official order (RDD diffusion.py): x~ = (z_s - frac z_t)/(alpha_s - frac alpha_t).
     x = (zs - frac * zt) / den
     e = (zt - alpha_t * x) / sigma_t
-    tl.store(xo_ptr + offs, x.to(xo_ptr.dtype.element_ty), mask=mask)
-    tl.store(eo_ptr + offs, e.to(eo_ptr.dtype.element_ty), mask=mask)
+    tl.store(xo_ptr + offs, to_dtype(x, xo_ptr.dtype.element_ty), mask=mask)
+    tl.store(eo_ptr + offs, to_dtype(e, eo_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _pd_target_bwd_kernel(gx_ptr, ge_ptr, gzt_ptr, gzs_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, D,
+def _pd_target_bwd_kernel(gx_ptr, ge_ptr, gzt_ptr, gzs_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, D, pid0, NCHUNK,
                           HAS_GX: tl.constexpr, HAS_GE: tl.constexpr, BLOCK: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+    pid_d, b = row_program(pid0, NCHUNK)
     cols = pid_d * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
-    offs = b.to(tl.int64) * D + cols
+    offs = b * D + cols
     alpha_t, sigma_t, frac, den = _pd_target_coefs(at_ptr, st_ptr, as_ptr, ss_ptr, b)
     gx = tl.zeros([BLOCK], tl.float32)
     ge = tl.zeros([BLOCK], tl.float32)
@@ -203,8 +183,8 @@ def _pd_target_bwd_kernel(gx_ptr, ge_ptr, gzt_ptr, gzs_ptr, at_ptr, st_ptr, as_p
     gx_tot = gx - (alpha_t / sigma_t) * ge
     gzs = gx_tot / den
     gzt = ge / sigma_t - (frac / den) * gx_tot
-    tl.store(gzt_ptr + offs, gzt.to(gzt_ptr.dtype.element_ty), mask=mask)
-    tl.store(gzs_ptr + offs, gzs.to(gzs_ptr.dtype.element_ty), mask=mask)
+    tl.store(gzt_ptr + offs, to_dtype(gzt, gzt_ptr.dtype.element_ty), mask=mask)
+    tl.store(gzs_ptr + offs, to_dtype(gzs, gzs_ptr.dtype.element_ty), mask=mask)
 
 
 def pd_target_fwd(zt: torch.Tensor, zs: torch.Tensor, at: torch.Tensor, st: torch.Tensor, as_: torch.Tensor,
@@ -213,8 +193,7 @@ def pd_target_fwd(zt: torch.Tensor, zs: torch.Tensor, at: torch.Tensor, st: torc
     x = _alloc.empty((B, D), dtype=out_dtype, device=zt.device)
     e = _alloc.empty((B, D), dtype=out_dtype, device=zt.device)
     if B * D:
-        _pd_target_fwd_kernel[grid(B, D)](zt, zs, x, e, at, st, as_, ss, D, BLOCK=BLOCK,
-                                                num_warps=NUM_WARPS)
+        launch_rows(_pd_target_fwd_kernel, B, D, zt, zs, x, e, at, st, as_, ss, D)
     return x, e
 
 
@@ -226,9 +205,9 @@ def pd_target_bwd(gx: torch.Tensor | None, ge: torch.Tensor | None, at: torch.Te
     gzs = _alloc.empty((B, D), dtype=zs_dtype, device=device)
     if B * D:
         dummy = gzt
-        _pd_target_bwd_kernel[grid(B, D)](
-            gx if gx is not None else dummy, ge if ge is not None else dummy, gzt, gzs, at, st, as_, ss, D,
-            HAS_GX=gx is not None, HAS_GE=ge is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        launch_rows(_pd_target_bwd_kernel, B, D,
+                    gx if gx is not None else dummy, ge if ge is not None else dummy, gzt, gzs, at, st, as_, ss, D,
+                    HAS_GX=gx is not None, HAS_GE=ge is not None)
     return gzt, gzs
 
 
@@ -238,13 +217,12 @@ def pd_target_bwd(gx: torch.Tensor | None, ge: torch.Tensor | None, at: torch.Te
 
 
 @triton.jit
-def _pd_loss_partial_kernel(xs_ptr, xt_ptr, et_ptr, zt_ptr, a_ptr, s_ptr, px_ptr, pe_ptr, D, NCHUNK,
-                            BLOCK: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+def _pd_loss_partial_kernel(xs_ptr, xt_ptr, et_ptr, zt_ptr, a_ptr, s_ptr, px_ptr, pe_ptr, D, pid0,
+                            NCHUNK, BLOCK: tl.constexpr):
+    pid_d, b = row_program(pid0, NCHUNK)
     cols = pid_d * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
-    offs = b.to(tl.int64) * D + cols
+    offs = b * D + cols
     alpha = tl.load(a_ptr + b)
     sigma = tl.load(s_ptr + b)
     xs = tl.load(xs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -255,20 +233,8 @@ def _pd_loss_partial_kernel(xs_ptr, xt_ptr, et_ptr, zt_ptr, a_ptr, s_ptr, px_ptr
     de = (zt - alpha * xs) / sigma - et
     dx = tl.where(mask, dx, 0.0)
     de = tl.where(mask, de, 0.0)
-    tl.store(px_ptr + b.to(tl.int64) * NCHUNK + pid_d, tl.sum(dx * dx, axis=0))
-    tl.store(pe_ptr + b.to(tl.int64) * NCHUNK + pid_d, tl.sum(de * de, axis=0))
-
-
-@triton.jit
-def _row_sums(p_ptr, rb, mb, NCHUNK, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Sum over the chunk axis of a (B, NCHUNK) fp32 partial buffer, for rows rb."""
-    acc = tl.zeros([BLOCK_B], tl.float32)
-    for c0 in range(0, NCHUNK, BLOCK_C):
-        rc = c0 + tl.arange(0, BLOCK_C)
-        m = mb[:, None] & (rc[None, :] < NCHUNK)
-        v = tl.load(p_ptr + rb[:, None].to(tl.int64) * NCHUNK + rc[None, :], mask=m, other=0.0)
-        acc += tl.sum(v, axis=1)
-    return acc
+    tl.store(px_ptr + b * NCHUNK + pid_d, tl.sum(dx * dx, axis=0))
+    tl.store(pe_ptr + b * NCHUNK + pid_d, tl.sum(de * de, axis=0))
 
 
 @triton.jit
@@ -278,8 +244,8 @@ def _pd_loss_finish_kernel(px_ptr, pe_ptr, loss_ptr, sel_ptr, B, NCHUNK, inv_d, 
     for b0 in range(0, B, BLOCK_B):
         rb = b0 + tl.arange(0, BLOCK_B)
         mb = rb < B
-        mse_x = _row_sums(px_ptr, rb, mb, NCHUNK, BLOCK_B, BLOCK_C) * inv_d
-        mse_e = _row_sums(pe_ptr, rb, mb, NCHUNK, BLOCK_B, BLOCK_C) * inv_d
+        mse_x = row_sums(px_ptr, rb, mb, NCHUNK, BLOCK_B, BLOCK_C) * inv_d
+        mse_e = row_sums(pe_ptr, rb, mb, NCHUNK, BLOCK_B, BLOCK_C) * inv_d
         # sel = 1 where the eps branch is the max (ties go to the x branch).
         sel = mse_e > mse_x
         tl.store(sel_ptr + rb, sel.to(tl.float32), mask=mb)
@@ -289,12 +255,11 @@ def _pd_loss_finish_kernel(px_ptr, pe_ptr, loss_ptr, sel_ptr, B, NCHUNK, inv_d, 
 
 @triton.jit
 def _pd_loss_bwd_kernel(go_ptr, xs_ptr, xt_ptr, et_ptr, zt_ptr, a_ptr, s_ptr, sel_ptr, gxs_ptr, D, scale,
-                        BLOCK: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+                        pid0, NCHUNK, BLOCK: tl.constexpr):
+    pid_d, b = row_program(pid0, NCHUNK)
     cols = pid_d * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
-    offs = b.to(tl.int64) * D + cols
+    offs = b * D + cols
     alpha = tl.load(a_ptr + b)
     sigma = tl.load(s_ptr + b)
     use_eps = tl.load(sel_ptr + b) > 0.5
@@ -308,7 +273,7 @@ def _pd_loss_bwd_kernel(go_ptr, xs_ptr, xt_ptr, et_ptr, zt_ptr, a_ptr, s_ptr, se
     else:
         xt = tl.load(xt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = xs - xt
-    tl.store(gxs_ptr + offs, (g * go).to(gxs_ptr.dtype.element_ty), mask=mask)
+    tl.store(gxs_ptr + offs, to_dtype(g * go, gxs_ptr.dtype.element_ty), mask=mask)
 
 
 def pd_loss_fwd(xs: torch.Tensor, xt: torch.Tensor, et: torch.Tensor, zt: torch.Tensor, a: torch.Tensor,
@@ -320,9 +285,9 @@ def pd_loss_fwd(xs: torch.Tensor, xt: torch.Tensor, et: torch.Tensor, zt: torch.
     pe = _alloc.empty((B, nc), dtype=torch.float32, device=xs.device)
     loss = _alloc.empty((), dtype=torch.float32, device=xs.device)
     sel = _alloc.empty((B,), dtype=torch.float32, device=xs.device)
-    _pd_loss_partial_kernel[grid(B, D)](xs, xt, et, zt, a, s, px, pe, D, nc, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    _pd_loss_finish_kernel[(1,)](px, pe, loss, sel, B, nc, 1.0 / D, 1.0 / B, BLOCK_B=FINISH_BLOCK_B,
-                                 BLOCK_C=FINISH_BLOCK_C, num_warps=4)
+    launch_rows(_pd_loss_partial_kernel, B, D, xs, xt, et, zt, a, s, px, pe, D)
+    _pd_loss_finish_kernel[launch_grid("_pd_loss_finish_kernel", 1)](
+        px, pe, loss, sel, B, nc, 1.0 / D, 1.0 / B, BLOCK_B=FINISH_BLOCK_B, BLOCK_C=FINISH_BLOCK_C, num_warps=4)
     return loss, sel
 
 
@@ -330,6 +295,5 @@ def pd_loss_bwd(go: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, et: torch.
                 a: torch.Tensor, s: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
     B, D = xs.shape
     gxs = _alloc.empty((B, D), dtype=xs.dtype, device=xs.device)
-    _pd_loss_bwd_kernel[grid(B, D)](go, xs, xt, et, zt, a, s, sel, gxs, D, 2.0 / (B * D), BLOCK=BLOCK,
-                                          num_warps=NUM_WARPS)
+    launch_rows(_pd_loss_bwd_kernel, B, D, go, xs, xt, et, zt, a, s, sel, gxs, D, 2.0 / (B * D))
     return gxs

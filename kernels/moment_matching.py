@@ -1,7 +1,8 @@
 """Moment Matching (Salimans et al. 2024) per-sample ops: Triton kernels and thin launchers.
 
 Every tensor is viewed as (B, D) rows (contiguous); per-sample scalars are fp32 (B,) tensors.
-Programs are laid out as (D-chunk, sample) so each loads its sample's scalars once. Arithmetic is fp32
+Programs are laid out as (D-chunk, sample), folded into grid axis 0 (``_common.launch_rows``: any batch
+size), so each loads its sample's scalars once. Arithmetic is fp32
 (fp64 for fp64 inputs); offsets are int64.
 
 * posterior sample (ancestral / DDIM), noise from Philox (``tl.randn(seed, b * D + d)``), and its
@@ -23,13 +24,11 @@ import triton.language as tl
 
 from fastdistill import _alloc
 
-BLOCK = 2048
-NUM_WARPS = 4
+from ._common import ROW_BLOCK, launch_grid, launch_rows, n_chunks, row_program, to_dtype
+
+BLOCK = ROW_BLOCK
+NUM_WARPS = 4  # this file's kernels carry fp64 variants: half the warps of the fp32-only row kernels
 STATS_BLOCK = 1024
-
-
-def _grid_rows(B: int, D: int, block: int = BLOCK):
-    return (triton.cdiv(max(D, 1), block), B)
 
 
 # ----------------------------------------------------------------------------- posterior sample
@@ -57,11 +56,10 @@ def _posterior_coefs(at_ptr, st_ptr, as_ptr, ss_ptr, b, MODE: tl.constexpr, ACC:
 
 
 @triton.jit
-def _posterior_fwd_kernel(z_ptr, x_ptr, out_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, D, seed,
+def _posterior_fwd_kernel(z_ptr, x_ptr, out_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, D, seed, pid0, NCHUNK,
                           MODE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    d = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid, b = row_program(pid0, NCHUNK)
+    d = pid * BLOCK + tl.arange(0, BLOCK)
     mask = d < D
     offs = b * D + d
     c_z, c_x, std = _posterior_coefs(at_ptr, st_ptr, as_ptr, ss_ptr, b, MODE, ACC)
@@ -70,24 +68,23 @@ def _posterior_fwd_kernel(z_ptr, x_ptr, out_ptr, at_ptr, st_ptr, as_ptr, ss_ptr,
     out = c_z * z + c_x * x
     if MODE == 0:
         out += std * tl.randn(seed, offs).to(ACC)
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, to_dtype(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _posterior_bwd_kernel(g_ptr, gx_ptr, gz_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, D,
+def _posterior_bwd_kernel(g_ptr, gx_ptr, gz_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, D, pid0, NCHUNK,
                           MODE: tl.constexpr, NEED_X: tl.constexpr, NEED_Z: tl.constexpr, ACC: tl.constexpr,
                           BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    d = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid, b = row_program(pid0, NCHUNK)
+    d = pid * BLOCK + tl.arange(0, BLOCK)
     mask = d < D
     offs = b * D + d
     c_z, c_x, std = _posterior_coefs(at_ptr, st_ptr, as_ptr, ss_ptr, b, MODE, ACC)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
     if NEED_X:
-        tl.store(gx_ptr + offs, (c_x * g).to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gx_ptr + offs, to_dtype(c_x * g, gx_ptr.dtype.element_ty), mask=mask)
     if NEED_Z:
-        tl.store(gz_ptr + offs, (c_z * g).to(gz_ptr.dtype.element_ty), mask=mask)
+        tl.store(gz_ptr + offs, to_dtype(c_z * g, gz_ptr.dtype.element_ty), mask=mask)
 
 
 def posterior_fwd(z: torch.Tensor, x: torch.Tensor, at: torch.Tensor, st: torch.Tensor, as_: torch.Tensor,
@@ -98,9 +95,8 @@ def posterior_fwd(z: torch.Tensor, x: torch.Tensor, at: torch.Tensor, st: torch.
     if z.numel() == 0:
         return out
     wide = torch.float64 in (z.dtype, x.dtype)
-    _posterior_fwd_kernel[_grid_rows(B, D)](z, x, out, at, st, as_, ss, D, seed, MODE=mode,
-                                           ACC=tl.float64 if wide else tl.float32, BLOCK=BLOCK,
-                                           num_warps=NUM_WARPS)
+    launch_rows(_posterior_fwd_kernel, B, D, z, x, out, at, st, as_, ss, D, seed, block=BLOCK, num_warps=NUM_WARPS,
+                MODE=mode, ACC=tl.float64 if wide else tl.float32)
     return out
 
 
@@ -112,27 +108,24 @@ def posterior_bwd(g: torch.Tensor, at: torch.Tensor, st: torch.Tensor, as_: torc
     gz = _alloc.empty(g.shape, dtype=z_dtype, device=g.device) if z_dtype is not None else None
     if g.numel() == 0 or (gx is None and gz is None):
         return gx, gz
-    _posterior_bwd_kernel[_grid_rows(B, D)](g, gx if gx is not None else g, gz if gz is not None else g,
-                                           at, st, as_, ss, D, MODE=mode, NEED_X=gx is not None,
-                                           NEED_Z=gz is not None,
-                                           ACC=tl.float64 if g.dtype == torch.float64 else tl.float32,
-                                           BLOCK=BLOCK, num_warps=NUM_WARPS)
+    launch_rows(_posterior_bwd_kernel, B, D, g, gx if gx is not None else g, gz if gz is not None else g,
+                at, st, as_, ss, D, block=BLOCK, num_warps=NUM_WARPS, MODE=mode, NEED_X=gx is not None,
+                NEED_Z=gz is not None, ACC=tl.float64 if g.dtype == torch.float64 else tl.float32)
     return gx, gz
 
 
 # ----------------------------------------------------------------------------- the two MM losses
 
 @triton.jit
-def _mm_loss_kernel(p_ptr, a_ptr, t_ptr, u_ptr, w_ptr, g_ptr, grad_ptr, partial_ptr, D, n_chunks, gamma,
-                    grad_scale, MODE: tl.constexpr, HAS_UNCOND: tl.constexpr, WRITE_GRAD: tl.constexpr,
+def _mm_loss_kernel(p_ptr, a_ptr, t_ptr, u_ptr, w_ptr, g_ptr, grad_ptr, partial_ptr, D, gamma, grad_scale,
+                    pid0, NCHUNK, MODE: tl.constexpr, HAS_UNCOND: tl.constexpr, WRITE_GRAD: tl.constexpr,
                     ACC: tl.constexpr, BLOCK: tl.constexpr):
     """MODE 0 (student surrogate; p = x_student, a = x_aux, t = teacher):
            elem = w p (a - t'),  t' = u + g (t - u) with CFG;  grad = w (a - t') * grad_scale
        MODE 1 (auxiliary denoiser; p = x_aux, a = x_student, t = teacher):
            elem = w ((a - p)^2 + gamma (t - p)^2);  grad = 2 w ((p - a) + gamma (p - t)) * grad_scale"""
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    d = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid, b = row_program(pid0, NCHUNK)
+    d = pid * BLOCK + tl.arange(0, BLOCK)
     mask = d < D
     offs = b * D + d
     w = tl.load(w_ptr + b).to(ACC)
@@ -153,9 +146,9 @@ def _mm_loss_kernel(p_ptr, a_ptr, t_ptr, u_ptr, w_ptr, g_ptr, grad_ptr, partial_
         elem = w * (da * da + gamma * (dt * dt))
         g = 2.0 * w * (da + gamma * dt)
     elem = tl.where(mask, elem, 0.0)
-    tl.store(partial_ptr + b * n_chunks + pid, tl.sum(elem, axis=0))
+    tl.store(partial_ptr + b * NCHUNK + pid, tl.sum(elem, axis=0))
     if WRITE_GRAD:
-        tl.store(grad_ptr + offs, (g * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + offs, to_dtype(g * grad_scale, grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -165,7 +158,7 @@ def _scale_kernel(src_ptr, go_ptr, out_ptr, N, ACC: tl.constexpr, BLOCK: tl.cons
     mask = offs < N
     go = tl.load(go_ptr).to(ACC)
     x = tl.load(src_ptr + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(out_ptr + offs, (x * go).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, to_dtype(x * go, out_ptr.dtype.element_ty), mask=mask)
 
 
 def mm_loss_fwd(p: torch.Tensor, a: torch.Tensor, t: torch.Tensor, u: torch.Tensor | None, w: torch.Tensor,
@@ -176,16 +169,15 @@ def mm_loss_fwd(p: torch.Tensor, a: torch.Tensor, t: torch.Tensor, u: torch.Tens
     N = p.numel()
     wide = p.dtype == torch.float64
     acc_dtype = torch.float64 if wide else torch.float32
-    n_chunks = triton.cdiv(max(D, 1), BLOCK)
-    partial = _alloc.empty((B, n_chunks), dtype=acc_dtype, device=p.device)
+    nc = n_chunks(D, BLOCK)
+    partial = _alloc.empty((B, nc), dtype=acc_dtype, device=p.device)
     grad = _alloc.empty(p.shape, dtype=p.dtype, device=p.device) if need_grad else p.new_empty((0,))
     if N == 0:
         return torch.full((), float("nan"), dtype=acc_dtype, device=p.device), grad
     inv_n = 1.0 / N
-    _mm_loss_kernel[(n_chunks, B)](p, a, t, u if u is not None else t, w, guidance, grad if need_grad else p,
-                                   partial, D, n_chunks, gamma, inv_n, MODE=mode, HAS_UNCOND=u is not None,
-                                   WRITE_GRAD=need_grad, ACC=tl.float64 if wide else tl.float32, BLOCK=BLOCK,
-                                   num_warps=NUM_WARPS)
+    launch_rows(_mm_loss_kernel, B, D, p, a, t, u if u is not None else t, w, guidance, grad if need_grad else p,
+                partial, D, gamma, inv_n, block=BLOCK, num_warps=NUM_WARPS, MODE=mode, HAS_UNCOND=u is not None,
+                WRITE_GRAD=need_grad, ACC=tl.float64 if wide else tl.float32)
     # (B, n_chunks) partials: a fixed-order sum in fp64, then the mean.
     loss = (partial.sum(dtype=torch.float64) * inv_n).to(acc_dtype)
     return loss, grad
@@ -197,7 +189,8 @@ def scale(src: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
     if N == 0:
         return out
     acc = tl.float64 if torch.float64 in (src.dtype, go.dtype) else tl.float32
-    _scale_kernel[(triton.cdiv(N, BLOCK),)](src, go, out, N, ACC=acc, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _scale_kernel[launch_grid("moment_matching._scale_kernel", triton.cdiv(N, BLOCK))](
+        src, go, out, N, ACC=acc, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
 
@@ -266,10 +259,10 @@ def _stats_bwd_kernel(x_ptr, w_ptr, gx_ptr, gw_ptr, coef_mean_ptr, coef_m2_ptr, 
         w = tl.load(w_ptr + o * ws_o + k * ws_k + i * ws_i, mask=mask, other=0.0).to(ACC)
     else:
         w = tl.full(x.shape, 1.0, ACC)
-    tl.store(gx_ptr + offs, (w * (cm + 2.0 * c2 * dev)).to(gx_ptr.dtype.element_ty), mask=mask)
+    tl.store(gx_ptr + offs, to_dtype(w * (cm + 2.0 * c2 * dev), gx_ptr.dtype.element_ty), mask=mask)
     if NEED_W:
         gn = tl.load(gn_ptr + k, mask=mask, other=0.0)
-        tl.store(gw_ptr + offs, (gn + cm * dev + c2 * dev * dev).to(gw_ptr.dtype.element_ty), mask=mask)
+        tl.store(gw_ptr + offs, to_dtype(gn + cm * dev + c2 * dev * dev, gw_ptr.dtype.element_ty), mask=mask)
 
 
 def _w_strides(w: torch.Tensor | None):
@@ -293,9 +286,10 @@ def stats_fwd(x3: torch.Tensor, w3: torch.Tensor | None):
     if K == 0:
         return n.sum(1), mean.sum(1), m2.sum(1)
     ws = _w_strides(w3)
-    _stats_kernel[(K, n_split)](x3, w3 if w3 is not None else x3, n, mean, m2, O, K, I, ws[0], ws[1], ws[2],
-                                n_split, per_split, HAS_W=w3 is not None,
-                                ACC=tl.float64 if wide else tl.float32, BLOCK=STATS_BLOCK, num_warps=NUM_WARPS)
+    # K (the kept indices) on axis 0, the <= 1024 reduction splits on axis 1: within CUDA's limits for any K.
+    _stats_kernel[launch_grid("_stats_kernel", K, n_split)](
+        x3, w3 if w3 is not None else x3, n, mean, m2, O, K, I, ws[0], ws[1], ws[2], n_split, per_split,
+        HAS_W=w3 is not None, ACC=tl.float64 if wide else tl.float32, BLOCK=STATS_BLOCK, num_warps=NUM_WARPS)
     return chan_merge(n, mean, m2)
 
 
@@ -321,7 +315,7 @@ def stats_bwd(x3: torch.Tensor, w3: torch.Tensor | None, coef_mean: torch.Tensor
     if N == 0:
         return gx, gw
     ws = _w_strides(w3)
-    _stats_bwd_kernel[(triton.cdiv(N, BLOCK),)](
+    _stats_bwd_kernel[launch_grid("_stats_bwd_kernel", triton.cdiv(N, BLOCK))](
         x3, w3 if w3 is not None else x3, gx, gw if gw is not None else gx, coef_mean, coef_m2,
         gn if gn is not None else coef_mean, mean, O, K, I, ws[0], ws[1], ws[2], HAS_W=w3 is not None,
         NEED_W=need_w, ACC=acc, BLOCK=BLOCK, num_warps=NUM_WARPS)

@@ -18,7 +18,17 @@ group x key tile, looping over all rows) own their output rows, so no atomics: r
 deterministic. When the channel count fits one tile the gradient rows live in registers; otherwise
 they are accumulated in an fp32 scratch in global memory, chunk by chunk (L2-resident).
 
-All accumulation is fp32. Offsets are int64.
+All accumulation is fp32. Offsets are int64. fp32 GEMMs follow ``torch.get_float32_matmul_precision()``
+(read by the launchers on the host, passed as the ``PREC_S``/``PREC_T`` constexprs): ``"highest"`` (torch's
+default) runs IEEE fp32 FMA dots, ``"high"``/``"medium"`` TF32 tensor cores; 16-bit GEMMs run on tensor
+cores. GEMM operands go through ``kernels._common.to_dot``/``dot``: under the CPU interpreter they are
+rounded exactly where the GPU rounds them (16-bit round-to-nearest-even at load and for ``p_s - p_t``;
+TF32 truncation), so the interpreter computes the GPU's arithmetic up to accumulation order.
+
+Tile configs: :func:`_configs` lists the GPU candidates per kernel, GEMM precision and channel count
+(registered as ``"relational_kl.fwd"``/``".dq"``/``".dk"`` for ``kernels._common.gpu_configs``; configs that
+spill on sm_90 are left out); ``kernels._common.force_config`` overrides the autotuner (tests run every
+config through the interpreter). Grids go through ``kernels._common.launch_grid`` (axis 0 only).
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ import triton
 import triton.language as tl
 
 from fastdistill import _alloc
+from fastdistill.kernels._common import (TL_DTYPE, TileConfig, dot, forced_config, fp32_precision, interpret,
+                                         launch_grid, register_configs, to_dot)
 
 
 @triton.jit
@@ -48,14 +60,14 @@ def _logits(P, K, p_base, k_base, rows, rmask, krow, kmask, sp_n, sp_c, sk_m, sk
         if A_RES:
             a = a_res
         else:
-            a = tl.load(P + p_base + rows[:, None] * sp_n + cols[None, :].to(tl.int64) * sp_c,
-                        mask=rmask[:, None] & cm[None, :], other=0.0).to(DOT)
+            a = to_dot(tl.load(P + p_base + rows[:, None] * sp_n + cols[None, :].to(tl.int64) * sp_c,
+                               mask=rmask[:, None] & cm[None, :], other=0.0), DOT)
         if B_RES:
             b = b_res
         else:
-            b = tl.load(K + k_base + krow[None, :] * sk_m + cols[:, None].to(tl.int64) * sk_c,
-                        mask=kmask[None, :] & cm[:, None], other=0.0).to(DOT)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
+            b = to_dot(tl.load(K + k_base + krow[None, :] * sk_m + cols[:, None].to(tl.int64) * sk_c,
+                               mask=kmask[None, :] & cm[:, None], other=0.0), DOT)
+        acc = dot(a, b, acc, PREC)
     return acc
 
 
@@ -63,16 +75,16 @@ def _logits(P, K, p_base, k_base, rows, rmask, krow, kmask, sp_n, sp_c, sk_m, sk
 def _rows_tile(P, p_base, rows, rmask, sp_n, sp_c, C, DOT: tl.constexpr, BLOCK_C: tl.constexpr):
     """Channels 0..BLOCK_C of the given rows, (rows, BLOCK_C), cast to the GEMM dtype."""
     cols = tl.arange(0, BLOCK_C)
-    return tl.load(P + p_base + rows[:, None] * sp_n + cols[None, :].to(tl.int64) * sp_c,
-                   mask=rmask[:, None] & (cols < C)[None, :], other=0.0).to(DOT)
+    return to_dot(tl.load(P + p_base + rows[:, None] * sp_n + cols[None, :].to(tl.int64) * sp_c,
+                          mask=rmask[:, None] & (cols < C)[None, :], other=0.0), DOT)
 
 
 @triton.jit
 def _rows_tile_t(P, p_base, rows, rmask, sp_n, sp_c, C, DOT: tl.constexpr, BLOCK_C: tl.constexpr):
     """Transposed: (BLOCK_C, rows)."""
     cols = tl.arange(0, BLOCK_C)
-    return tl.load(P + p_base + rows[None, :] * sp_n + cols[:, None].to(tl.int64) * sp_c,
-                   mask=rmask[None, :] & (cols < C)[:, None], other=0.0).to(DOT)
+    return to_dot(tl.load(P + p_base + rows[None, :] * sp_n + cols[:, None].to(tl.int64) * sp_c,
+                          mask=rmask[None, :] & (cols < C)[:, None], other=0.0), DOT)
 
 
 @triton.jit
@@ -231,12 +243,12 @@ def _rkl_bwd_dq_kernel(
                         sqs_n, sqs_c, sks_m, sks_c, sqt_n, sqt_c, skt_m, skt_c, CS, CT, scale_s, scale_t,
                         lse_s, lse_t, w, qs_res, 0.0, qt_res, 0.0, ONE_CHUNK, False, RES_T, False,
                         DOT_S, DOT_T, PREC_S, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C)
-            ds = ds.to(DOT_S)
+            ds = to_dot(ds, DOT_S)
             if ONE_CHUNK:
                 cm = ccols < CS
                 kc = tl.load(KS + ks_base + krow[:, None] * sks_m + ccols[None, :].to(tl.int64) * sks_c,
                              mask=kmask[:, None] & cm[None, :], other=0.0)
-                dq = tl.dot(ds, kc.to(DOT_S), dq, input_precision=PREC_S)
+                dq = dot(ds, to_dot(kc, DOT_S), dq, PREC_S)
             else:
                 for c0 in range(0, CS, BLOCK_C):
                     cols = c0 + ccols
@@ -246,7 +258,7 @@ def _rkl_bwd_dq_kernel(
                     ptrs = DQ + dq_base[:, None] + cols[None, :]
                     m2 = rmask[:, None] & cm[None, :]
                     part = tl.load(ptrs, mask=m2, other=0.0)
-                    part = tl.dot(ds, kc.to(DOT_S), part, input_precision=PREC_S)
+                    part = dot(ds, to_dot(kc, DOT_S), part, PREC_S)
                     tl.store(ptrs, part, mask=m2)
     if ONE_CHUNK:
         cm = ccols < CS
@@ -313,12 +325,12 @@ def _rkl_bwd_dk_kernel(
                     sqs_n, sqs_c, sks_m, sks_c, sqt_n, sqt_c, skt_m, skt_c, CS, CT, scale_s, scale_t,
                     lse_s, lse_t, w, 0.0, ks_res, 0.0, kt_res, False, ONE_CHUNK, False, RES_T,
                     DOT_S, DOT_T, PREC_S, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C)
-        dst = tl.trans(ds.to(DOT_S))
+        dst = tl.trans(to_dot(ds, DOT_S))
         if ONE_CHUNK:
             cm = ccols < CS
             qc = tl.load(QS + qs_base + rows[:, None] * sqs_n + ccols[None, :].to(tl.int64) * sqs_c,
                          mask=rmask[:, None] & cm[None, :], other=0.0)
-            dk = tl.dot(dst, qc.to(DOT_S), dk, input_precision=PREC_S)
+            dk = dot(dst, to_dot(qc, DOT_S), dk, PREC_S)
         else:
             for c0 in range(0, CS, BLOCK_C):
                 cols = c0 + ccols
@@ -328,7 +340,7 @@ def _rkl_bwd_dk_kernel(
                 ptrs = DK + dk_base[:, None] + cols[None, :]
                 m2 = kmask[:, None] & cm[None, :]
                 part = tl.load(ptrs, mask=m2, other=0.0)
-                part = tl.dot(dst, qc.to(DOT_S), part, input_precision=PREC_S)
+                part = dot(dst, to_dot(qc, DOT_S), part, PREC_S)
                 tl.store(ptrs, part, mask=m2)
     if ONE_CHUNK:
         cm = ccols < CS
@@ -345,71 +357,169 @@ def _rkl_bwd_dk_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-             torch.float64: tl.float64}
+_KERNEL_NAMES = {"fwd": "relational_kl.fwd", "dq": "relational_kl.dq", "dk": "relational_kl.dk"}
 
 
 def _interpret() -> bool:
-    from fastdistill import _triton
-
-    return _triton.interpret_mode()
+    return interpret()
 
 
-def _dot_dtype(a: torch.dtype, b: torch.dtype):
-    """The dtype both GEMM operands of one side are cast to, and the fp32 precision to use.
+def _gemm_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The dtype both GEMM operands of one side are cast to.
 
     Equal dtypes: that dtype (fp64: fp32). fp32 with one 16-bit type (say, an fp32 memory bank against bf16
     features under autocast): the 16-bit type, as autocast's matmul would. fp16 with bf16: fp32.
-    fp32 GEMMs use IEEE precision (no TF32), matching torch's default for matmul.
     """
     if torch.float64 in (a, b):
         # The fp32 accumulators cannot take fp64 dot products: fp64 inputs are computed in fp32.
-        d = torch.float32
-    elif a == b:
-        d = a
-    elif {a, b} == {torch.float16, torch.bfloat16}:
-        d = torch.float32
-    else:
-        d = a if a != torch.float32 else b
-    if d == torch.bfloat16 and _interpret():
-        # Triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16); bf16 values are
-        # exact in fp32 and the GPU accumulates in fp32 too, so the interpreter uses fp32 operands.
-        d = torch.float32
-    return _TL_DTYPE[d], ("ieee" if d == torch.float32 else None)
+        return torch.float32
+    if a == b:
+        return a
+    if {a, b} == {torch.float16, torch.bfloat16}:
+        return torch.float32
+    return a if a != torch.float32 else b
 
 
-def _configs(n: int, s: int, c_max: int) -> tuple[tuple[int, int, int, int, int], ...]:
-    """Candidate tiles ``(BLOCK_N, BLOCK_M, BLOCK_C, num_warps, num_stages)``.
+def _dot_dtype(a: torch.dtype, b: torch.dtype):
+    """``(DOT, PREC)`` constexprs of one side: the GEMM dtype and, for fp32 GEMMs, the input precision
+    that ``torch.get_float32_matmul_precision()`` asks for ("ieee" for "highest", else "tf32")."""
+    d = _gemm_dtype(a, b)
+    return TL_DTYPE[d], (fp32_precision() if d == torch.float32 else None)
+
+
+# Candidate tiles per GEMM precision class and kernel: ``(BLOCK_N, BLOCK_M, BLOCK_C, num_warps, num_stages)``
+# and where the config may run: "R" when all channels fit one channel tile (C <= BLOCK_C: query/key tiles
+# resident, ONE_CHUNK), "C" when they do not (channel loop; dq/dk accumulate in the fp32 scratch), "RC"
+# both. Chosen by compiling every kernel x candidate x variant for sm_90 without a GPU (ptxas -v on
+# Triton's PTX, strides specialised as a launch specialises them): a config is listed for a variant only
+# if it does not spill there. Spilling configs removed (spill bytes per thread, sm_90, bf16):
+# fwd (64,64,64,4,2) 304 / 1896 (R / C), (128,128,64,8,2) 896 / 2496, (64,128,64,8,2) 308 / 1208,
+# (64,32,64,4,3) C 840; dq (64,64,64,4,2) 628 / 2920; dk (128,64,64,8,2) 516 / 1408 (R / C).
+_CANDIDATES: dict[str, dict[str, list[tuple[tuple[int, int, int, int, int], str]]]] = {
+    "16bit": {
+        "fwd": [((128, 64, 64, 8, 2), "R"), ((64, 64, 64, 8, 2), "RC"), ((64, 128, 32, 8, 3), "RC"),
+                ((128, 64, 32, 8, 3), "RC"), ((64, 64, 32, 8, 3), "RC"), ((128, 32, 32, 8, 3), "RC"),
+                ((64, 32, 32, 4, 3), "RC"), ((64, 64, 32, 4, 3), "R")],
+        "dq": [((128, 64, 64, 8, 2), "R"), ((64, 64, 64, 8, 2), "R"), ((64, 128, 32, 8, 3), "R"),
+               ((128, 64, 32, 8, 3), "R"), ((64, 64, 32, 8, 3), "RC"), ((128, 32, 32, 8, 3), "RC"),
+               ((64, 32, 32, 4, 3), "R"), ((64, 64, 32, 4, 3), "R")],
+        "dk": [((64, 64, 64, 8, 2), "R"), ((64, 128, 32, 8, 3), "R"), ((128, 64, 32, 8, 3), "R"),
+               ((64, 64, 32, 8, 3), "RC"), ((128, 32, 32, 8, 3), "RC"), ((64, 32, 32, 4, 3), "RC"),
+               ((64, 64, 32, 4, 3), "R")],
+    },
+    # fp32 inputs on TF32 tensor cores ("high"/"medium"). Removed for spills (C): fwd (64,64,32,4,3) 760,
+    # (64,32,32,4,3) 224, (128,32,32,8,3) 160; dq (64,64,32,4,3) 2588, (64,32,32,4,3) 1168,
+    # (128,32,32,8,3) 752, (64,64,32,8,3) 60; dk (64,64,32,4,3) 2720, (32,64,32,4,3) 1192.
+    "tf32": {
+        "fwd": [((64, 64, 32, 8, 3), "RC"), ((64, 64, 32, 8, 1), "RC"), ((64, 32, 32, 8, 2), "RC"),
+                ((64, 32, 32, 8, 1), "RC"), ((32, 32, 32, 4, 1), "RC"), ((128, 32, 32, 8, 3), "R"),
+                ((64, 64, 32, 4, 3), "R")],
+        "dq": [((64, 64, 32, 8, 3), "R"), ((64, 64, 32, 8, 1), "RC"), ((64, 32, 32, 8, 2), "RC"),
+               ((64, 32, 32, 8, 1), "RC"), ((32, 32, 32, 8, 2), "RC"), ((32, 32, 32, 4, 1), "RC"),
+               ((128, 32, 32, 8, 3), "R")],
+        "dk": [((64, 64, 32, 8, 3), "RC"), ((128, 32, 32, 8, 3), "RC"), ((64, 64, 32, 8, 1), "RC"),
+               ((64, 32, 32, 8, 2), "RC"), ((64, 32, 32, 8, 1), "RC"), ((32, 32, 32, 4, 1), "RC"),
+               ((64, 64, 32, 4, 3), "R")],
+    },
+    # IEEE fp32 (torch's default "highest"): FMA dots, no tensor cores. Removed for spills (R / C):
+    # fwd (128,128,64,8,2), (64,64,64,4,2); dq (64,32,32,4,2) C 376, (32,64,32,4,2) 168 / 264;
+    # dk (64,64,32,8,2) 456 / 120, (64,32,32,4,2) 540 / 232, (32,64,32,4,2) 80 / 288.
+    "ieee": {
+        "fwd": [((64, 64, 32, 8, 2), "RC"), ((64, 64, 32, 8, 1), "RC"), ((64, 32, 32, 8, 1), "RC"),
+                ((64, 32, 32, 4, 2), "RC"), ((32, 32, 32, 4, 2), "RC"), ((32, 32, 32, 4, 1), "RC"),
+                ((64, 32, 16, 4, 2), "RC")],
+        "dq": [((64, 64, 32, 8, 2), "R"), ((64, 64, 32, 8, 1), "RC"), ((64, 32, 32, 8, 1), "C"),
+               ((32, 32, 32, 8, 2), "RC"), ((64, 32, 32, 8, 2), "R"), ((32, 32, 32, 4, 1), "RC"),
+               ((64, 32, 16, 4, 2), "R")],
+        "dk": [((64, 64, 32, 8, 1), "C"), ((64, 32, 32, 8, 1), "RC"), ((32, 32, 32, 8, 2), "RC"),
+               ((64, 32, 32, 8, 2), "RC"), ((32, 32, 32, 4, 1), "RC"), ((32, 32, 32, 4, 2), "R"),
+               ((64, 32, 16, 4, 2), "R")],
+    },
+}
+
+
+def _precision_class(dtype: torch.dtype, precision: str | None) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return "16bit"
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"relational_kl: no GEMM dtype {dtype}")
+    precision = fp32_precision() if precision is None else precision
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"relational_kl: precision must be 'ieee' or 'tf32', got {precision!r}")
+    return precision
+
+
+def _configs(which: str, n: int, s: int, c: int, dtype: torch.dtype = torch.bfloat16,
+             precision: str | None = None) -> list[TileConfig]:
+    """GPU candidate tiles of kernel ``which`` ("fwd", "dq", "dk") for ``n`` rows, segments of ``s``
+    keys, at most ``c`` channels per side and GEMM dtype ``dtype`` (fp32: ``precision`` "ieee"/"tf32",
+    default: torch's current fp32 matmul precision).
 
     A key tile never spans two segments, so BLOCK_M is capped at the segment length rounded up to a
     power of two (16 at least, the tl.dot minimum): RDD's P=16 segments run 16-key tiles, long segments
-    use online rescaling across tiles. The interpreter gets one config (no tuning); on GPUs the
-    autotuner picks among a few, keyed by the problem sizes.
+    use online rescaling across tiles. Row and channel tiles are capped the same way. On GPUs the
+    autotuner picks among these, keyed by the problem sizes (and dtypes). Only configs that compile
+    without register spills for this channel count are listed (see ``_CANDIDATES``).
     """
     p2 = triton.next_power_of_2
-    bm_cap = max(16, min(128, p2(s)))
-    bn_cap = max(16, min(128, p2(n)))
-    bc_cap = max(16, min(128, p2(c_max)))
-    if _interpret():
-        return ((min(64, bn_cap), min(64, bm_cap), min(128, bc_cap), 4, 1),)
-    cands = [(64, 64, 64, 4, 2), (64, 64, 32, 4, 3), (128, 64, 64, 8, 2), (128, 128, 64, 8, 2),
-             (64, 128, 64, 8, 2), (128, 64, 32, 8, 3), (64, 32, 64, 4, 3)]
-    out = []
-    for bn, bm, bc, w, st in cands:
-        cfg = (min(bn, bn_cap), min(bm, bm_cap), min(bc, bc_cap), w, st)
+    bm_cap = max(16, min(128, p2(max(1, s))))
+    bn_cap = max(16, min(128, p2(max(1, n))))
+    bc_cap = max(16, min(128, p2(max(1, c))))
+    out: list[TileConfig] = []
+    for (bn, bm, bc, w, st), where in _CANDIDATES[_precision_class(dtype, precision)][which]:
+        if ("R" if c <= bc else "C") not in where:
+            continue  # this config spills for this channel count (or was not checked there)
+        cfg = TileConfig({"BLOCK_N": min(bn, bn_cap), "BLOCK_M": min(bm, bm_cap), "BLOCK_C": min(bc, bc_cap)},
+                         num_warps=w, num_stages=st)
         if cfg not in out:
             out.append(cfg)
-    return tuple(out)
+    return out
+
+
+for _which, _name in _KERNEL_NAMES.items():
+    register_configs(_name)(functools.partial(_configs, _which))
+
+
+def _interpreter_config(n: int, s: int, c: int) -> TileConfig:
+    # The interpreter runs one config (no tuning): large channel tiles keep the numpy work per tile big.
+    # tests/test_tile_configs.py runs every GPU config through the interpreter with force_config.
+    p2 = triton.next_power_of_2
+    return TileConfig({"BLOCK_N": max(16, min(64, p2(max(1, n)))), "BLOCK_M": max(16, min(64, p2(max(1, s)))),
+                       "BLOCK_C": max(16, min(128, p2(max(1, c))))}, num_warps=4, num_stages=1)
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel_name: str, configs: tuple[tuple[int, int, int, int, int], ...]):
+def _tuned(kernel_name: str, configs: tuple[TileConfig, ...]):
     kernel = {"fwd": _rkl_fwd_kernel, "dq": _rkl_bwd_dq_kernel, "dk": _rkl_bwd_dk_kernel}[kernel_name]
-    cfgs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=st)
-            for bn, bm, bc, w, st in configs]
+    cfgs = [triton.Config(c.block_dict, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
     # Every launch rewrites all of its outputs (the scratch gradient rows are zeroed inside the kernel),
     # so benchmarking a config repeatedly is harmless.
     return triton.autotune(cfgs, key=["N", "S", "NSEG", "CS", "CT"])(kernel)
+
+
+_RAW = {"fwd": _rkl_fwd_kernel, "dq": _rkl_bwd_dq_kernel, "dk": _rkl_bwd_dk_kernel}
+
+
+def _launch(which: str, grid_fn, problem: dict, args: tuple, kwargs: dict) -> None:
+    """Launch kernel ``which``: the forced config (tests), else the interpreter's one config, else the
+    autotuner over :func:`_configs`. ``grid_fn(blocks) -> (x, y, z)`` goes through ``launch_grid``."""
+    name = _KERNEL_NAMES[which]
+    cfg = forced_config(name)
+    if cfg is None and _interpret():
+        cfg = _interpreter_config(problem["n"], problem["s"], problem["c"])
+    if cfg is not None:
+        _RAW[which][grid_fn(cfg.block_dict)](*args, **kwargs, **cfg.block_dict, num_warps=cfg.num_warps,
+                                              num_stages=cfg.num_stages)
+    else:
+        _tuned(which, tuple(_configs(which, **problem)))[lambda meta: grid_fn(meta)](*args, **kwargs)
+
+
+def _problem(N: int, S: int, CS: int, CT: int, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
+             k_t: torch.Tensor) -> dict:
+    """The :func:`_configs` keywords of a launch: fp32 configs when either side's GEMM is fp32."""
+    dts = {_gemm_dtype(q_s.dtype, k_s.dtype), _gemm_dtype(q_t.dtype, k_t.dtype)}
+    dtype = torch.float32 if torch.float32 in dts else dts.pop()
+    return dict(n=N, s=S, c=max(CS, CT), dtype=dtype, precision=fp32_precision())
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -434,15 +544,14 @@ def relational_kl_fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k
     dot_s, prec_s = _dot_dtype(q_s.dtype, k_s.dtype)
     dot_t, prec_t = _dot_dtype(q_t.dtype, k_t.dtype)
     idx = k_index if k_index is not None else q_s  # dummy pointer when unused
-    kernel = _tuned("fwd", _configs(N, S, max(CS, CT)))
-    grid = lambda meta: (G1 * G2 * nseg * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](
-        q_s, k_s, q_t, k_t, idx, kl, lse_s, lse_t,
-        G2, N, S, nseg, CS, CT,
-        *_strides(q_s), *_strides(k_s), *_strides(q_t), *_strides(k_t),
-        float(scale_s), float(scale_t),
-        HAS_IDX=k_index is not None, DOT_S=dot_s, DOT_T=dot_t, PREC_S=prec_s, PREC_T=prec_t,
-    )
+    problem = _problem(N, S, CS, CT, q_s, k_s, q_t, k_t)
+    _launch("fwd", lambda b: launch_grid("relational_kl.fwd", G1 * G2 * nseg * triton.cdiv(N, b["BLOCK_N"])),
+            problem,
+            (q_s, k_s, q_t, k_t, idx, kl, lse_s, lse_t,
+             G2, N, S, nseg, CS, CT,
+             *_strides(q_s), *_strides(k_s), *_strides(q_t), *_strides(k_t),
+             float(scale_s), float(scale_t)),
+            dict(HAS_IDX=k_index is not None, DOT_S=dot_s, DOT_T=dot_t, PREC_S=prec_s, PREC_T=prec_t))
     return kl, lse_s, lse_t
 
 
@@ -462,29 +571,27 @@ def relational_kl_bwd(dkl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q
     wmax = torch.where(wmax > 0, wmax, torch.ones_like(wmax))
     dot_s, prec_s = _dot_dtype(q_s.dtype, k_s.dtype)
     dot_t, prec_t = _dot_dtype(q_t.dtype, k_t.dtype)
-    configs = _configs(N, S, max(CS, CT))
+    problem = _problem(N, S, CS, CT, q_s, k_s, q_t, k_t)
     common = dict(DOT_S=dot_s, DOT_T=dot_t, PREC_S=prec_s, PREC_T=prec_t)
     strides = (*_strides(q_s), *_strides(k_s), *_strides(q_t), *_strides(k_t))
     dq = dk = None
     if need_dq:
         dq = _alloc.empty((G1, G2, N, CS), dtype=torch.float32, device=dev)
         idx = k_index if k_index is not None else q_s
-        grid = lambda meta: (G1 * G2 * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _tuned("dq", configs)[grid](
-            q_s, k_s, q_t, k_t, idx, lse_s, lse_t, dkl, wmax, dq,
-            G2, N, S, nseg, CS, CT, *strides, float(scale_s), float(scale_t),
-            HAS_IDX=k_index is not None, **common,
-        )
+        _launch("dq", lambda b: launch_grid("relational_kl.dq", G1 * G2 * triton.cdiv(N, b["BLOCK_N"])), problem,
+                (q_s, k_s, q_t, k_t, idx, lse_s, lse_t, dkl, wmax, dq,
+                 G2, N, S, nseg, CS, CT, *strides, float(scale_s), float(scale_t)),
+                dict(HAS_IDX=k_index is not None, **common))
     if need_dk:
         if k_index is not None:
             raise ValueError("relational_kl: no gradient flows to keys read through an index (the memory bank)")
         Mk = k_s.shape[2]
         dk = _alloc.empty((G1, G2, Mk, CS), dtype=torch.float32, device=dev)
-        grid = lambda meta: (G1 * G2 * nseg * triton.cdiv(S, meta["BLOCK_M"]),)  # noqa: E731
-        _tuned("dk", configs)[grid](
-            q_s, k_s, q_t, k_t, lse_s, lse_t, dkl, wmax, dk,
-            G2, N, Mk, S, nseg, CS, CT, *strides, float(scale_s), float(scale_t), **common,
-        )
+        _launch("dk", lambda b: launch_grid("relational_kl.dk", G1 * G2 * nseg * triton.cdiv(S, b["BLOCK_M"])),
+                problem,
+                (q_s, k_s, q_t, k_t, lse_s, lse_t, dkl, wmax, dk,
+                 G2, N, Mk, S, nseg, CS, CT, *strides, float(scale_s), float(scale_t)),
+                common)
     return dq, dk
 
 
@@ -558,8 +665,8 @@ def pixel_normalize_fwd(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torc
     y = _alloc.empty((R, C), dtype=_store_dtype(x.dtype), device=x.device)
     rn = _alloc.empty((R,), dtype=torch.float32, device=x.device)
     BR, BC = _pixnorm_blocks(C)
-    _pixnorm_fwd_kernel[(triton.cdiv(R, BR),)](x, y, rn, R, C, H * W, W, *x.stride(), float(eps),
-                                               BLOCK_R=BR, BLOCK_C=BC, num_warps=4)
+    grid = launch_grid("relational_kl.pixnorm_fwd", triton.cdiv(R, BR))
+    _pixnorm_fwd_kernel[grid](x, y, rn, R, C, H * W, W, *x.stride(), float(eps), BLOCK_R=BR, BLOCK_C=BC, num_warps=4)
     return y.to(x.dtype), rn
 
 
@@ -581,6 +688,6 @@ def pixel_normalize_bwd(dy: torch.Tensor, y: torch.Tensor, rn: torch.Tensor, sha
     else:
         dx = _alloc.empty((B, C, H, W), dtype=dt, device=y.device)
     BR, BC = _pixnorm_blocks(C)
-    _pixnorm_bwd_kernel[(triton.cdiv(R, BR),)](dy, y, rn, dx, R, C, H * W, W, *dx.stride(),
-                                               BLOCK_R=BR, BLOCK_C=BC, num_warps=4)
+    grid = launch_grid("relational_kl.pixnorm_bwd", triton.cdiv(R, BR))
+    _pixnorm_bwd_kernel[grid](dy, y, rn, dx, R, C, H * W, W, *dx.stride(), BLOCK_R=BR, BLOCK_C=BC, num_warps=4)
     return dx.to(y.dtype)

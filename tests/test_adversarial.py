@@ -15,7 +15,9 @@ from fastdistill.testing import check_against_reference as _check_against_refere
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 3), (3, 2, 5, 7), (2, 3, 33, 33)]  # the last spans two kernel blocks per sample
-BACKENDS = testing.backends_under_test("gradient_penalty")
+# (backend, device) cases: CPU ones, and the *-cuda ones (gpu-marked; skipped with the reason without a GPU).
+BACKENDS = testing.backend_device_params("gradient_penalty")
+LOSS_BACKENDS = testing.backend_device_params("adversarial_losses")
 
 
 def check_against_reference(fn, reference, args, kwargs=None, *, backend, **kw):
@@ -30,7 +32,7 @@ def official_gradient_penalty(D, noise, real, fake, alpha):
     alpha = alpha.view(-1, *([1] * (real.dim() - 1)))
     interpolates = (alpha * real + ((1 - alpha) * fake)).requires_grad_(True)
     d_interpolates = D(interpolates, noise)
-    ones = torch.ones(real.shape[0], 1, dtype=real.dtype)
+    ones = torch.ones(real.shape[0], 1, dtype=real.dtype, device=real.device)
     gradients = autograd.grad(outputs=d_interpolates, inputs=interpolates, grad_outputs=ones, create_graph=True,
                               retain_graph=True, only_inputs=True)[0]
     gradients = gradients.view(gradients.size(0), -1)
@@ -56,19 +58,20 @@ class CondD(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_interpolation_with_given_alpha_vs_float64(backend, dtype):
+def test_interpolation_with_given_alpha_vs_float64(backend, device, dtype):
     gen = testing.generator()
     for shape in SHAPES:
-        args = [randn(*shape, gen=gen, dtype=dtype, requires_grad=True),
-                randn(*shape, gen=gen, dtype=dtype, requires_grad=True), torch.rand(shape[0], generator=gen)]
+        args = [randn(*shape, gen=gen, dtype=dtype, device=device, requires_grad=True),
+                randn(*shape, gen=gen, dtype=dtype, device=device, requires_grad=True),
+                torch.rand(shape[0], generator=gen).to(device)]
         check_against_reference(gan_interpolate, gan_interpolate, args, dtype=dtype, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_in_kernel_random_mixing(backend):
-    real, fake = torch.randn(64, 3, 4, 4), torch.randn(64, 3, 4, 4)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_in_kernel_random_mixing(backend, device):
+    real, fake = torch.randn(64, 3, 4, 4, device=device), torch.randn(64, 3, 4, 4, device=device)
     with fastdistill.use_backend(backend):
         torch.manual_seed(7)
         x1, a1 = gan_interpolate(real, fake)
@@ -83,19 +86,19 @@ def test_in_kernel_random_mixing(backend):
                  name="x_hat from the returned alpha")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gradient_norm_penalty_vs_float64(backend, dtype):
+def test_gradient_norm_penalty_vs_float64(backend, device, dtype):
     gen = testing.generator()
     for shape in SHAPES:
-        g = randn(*shape, gen=gen, dtype=dtype, scale=0.7, requires_grad=True)
+        g = randn(*shape, gen=gen, dtype=dtype, device=device, scale=0.7, requires_grad=True)
         check_against_reference(gradient_norm_penalty, gradient_norm_penalty, [g], {"weight": 10.0}, dtype=dtype,
                                 backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradient_norm_penalty_zero_norm_has_zero_gradient(backend):
-    g = torch.randn(3, 5)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_gradient_norm_penalty_zero_norm_has_zero_gradient(backend, device):
+    g = torch.randn(3, 5, device=device)
     g[1] = 0
     g.requires_grad_(True)
     with fastdistill.use_backend(backend):
@@ -106,22 +109,22 @@ def test_gradient_norm_penalty_zero_norm_has_zero_gradient(backend):
     assert_close(loss, ((norms - 1) ** 2).mean(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", testing.backends_under_test("adversarial_losses"))
+@pytest.mark.parametrize("backend,device", LOSS_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_adversarial_losses_vs_float64(backend, dtype):
+def test_adversarial_losses_vs_float64(backend, device, dtype):
     gen = testing.generator()
     for n_real, n_fake in [(1, 1), (7, 3), (1300, 1300)]:  # 1300 > one 1024-block
-        real = randn(n_real, 1, gen=gen, dtype=dtype, scale=4.0, requires_grad=True)
-        fake = randn(n_fake, 1, gen=gen, dtype=dtype, scale=4.0, requires_grad=True)
+        real = randn(n_real, 1, gen=gen, dtype=dtype, device=device, scale=4.0, requires_grad=True)
+        fake = randn(n_fake, 1, gen=gen, dtype=dtype, device=device, scale=4.0, requires_grad=True)
         check_against_reference(fastdistill.adversarial_losses, fastdistill.adversarial_losses, [real, fake],
                                 dtype=dtype, backend=backend)
         check_against_reference(fastdistill.adversarial_losses, fastdistill.adversarial_losses, [None, fake],
                                 dtype=dtype, backend=backend)
 
 
-@pytest.mark.parametrize("backend", testing.backends_under_test("adversarial_losses"))
-def test_adversarial_losses_extreme_logits_are_finite_and_exact(backend):
-    logits = torch.tensor([[-200.0], [-30.0], [0.0], [30.0], [200.0]], requires_grad=True)
+@pytest.mark.parametrize("backend,device", LOSS_BACKENDS)
+def test_adversarial_losses_extreme_logits_are_finite_and_exact(backend, device):
+    logits = torch.tensor([[-200.0], [-30.0], [0.0], [30.0], [200.0]], device=device, requires_grad=True)
     with fastdistill.use_backend(backend):
         d, g = fastdistill.adversarial_losses(logits, logits)
         grads = torch.autograd.grad(d + g, logits)[0]
@@ -135,13 +138,13 @@ def test_adversarial_losses_extreme_logits_are_finite_and_exact(backend):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradient_penalty_equals_official_formula_value_and_double_backward(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_gradient_penalty_equals_official_formula_value_and_double_backward(backend, device):
     torch.manual_seed(testing.new_seed())
-    D = CondD()
+    D = CondD().to(device)
     B = 5
-    real, fake, noise = torch.randn(B, 3, 8, 8), torch.randn(B, 3, 8, 8), torch.randn(B, 3, 4, 4)
-    alpha = torch.rand(B)
+    real, fake, noise = (torch.randn(*s).to(device) for s in ((B, 3, 8, 8), (B, 3, 8, 8), (B, 3, 4, 4)))
+    alpha = torch.rand(B).to(device)
     D.zero_grad()
     want = official_gradient_penalty(D, noise, real, fake, alpha)
     (10 * want).backward()
@@ -159,29 +162,29 @@ def test_gradient_penalty_equals_official_formula_value_and_double_backward(back
             assert_close(p.grad, w, rtol=1e-4, name=f"D param grad {i} (double backward)")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradient_penalty_flows_into_non_detached_samples(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_gradient_penalty_flows_into_non_detached_samples(backend, device):
     torch.manual_seed(testing.new_seed())
-    D = CondD()
-    real = torch.randn(3, 3, 8, 8)
-    fake = torch.randn(3, 3, 8, 8, requires_grad=True)
-    noise = torch.randn(3, 3, 4, 4)
-    alpha = torch.rand(3)
+    D = CondD().to(device)
+    real = torch.randn(3, 3, 8, 8).to(device)
+    fake = torch.randn(3, 3, 8, 8).to(device).requires_grad_(True)
+    noise = torch.randn(3, 3, 4, 4).to(device)
+    alpha = torch.rand(3).to(device)
     want = torch.autograd.grad(official_gradient_penalty(D, noise, real, fake, alpha), fake)[0]
     with fastdistill.use_backend(backend):
         got = torch.autograd.grad(fastdistill.gradient_penalty(D, real, fake, noise, weight=1.0, alpha=alpha), fake)[0]
     assert_close(got, want, rtol=1e-4, name="d GP / d fake")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_compute_gradient_penalty_drop_in_signature(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_compute_gradient_penalty_drop_in_signature(backend, device):
     torch.manual_seed(testing.new_seed())
-    D = CondD()
-    x, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 4, 4)
+    D = CondD().to(device)
+    x, noise = torch.randn(4, 3, 8, 8).to(device), torch.randn(4, 3, 4, 4).to(device)
     # real == fake: the random alpha cannot matter, so the official value is exact.
-    want = official_gradient_penalty(D, noise, x, x, torch.rand(4))
+    want = official_gradient_penalty(D, noise, x, x, torch.rand(4).to(device))
     with fastdistill.use_backend(backend):
-        got = fastdistill.compute_gradient_penalty(D, noise, x, x, "cpu")
+        got = fastdistill.compute_gradient_penalty(D, noise, x, x, device)
     assert_close(got, want, rtol=1e-5)
 
 
@@ -218,12 +221,12 @@ class TinyG(nn.Module):
         return torch.tanh(self.up(x))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_adversarial_distiller_steps_match_official_losses(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_adversarial_distiller_steps_match_official_losses(backend, device):
     torch.manual_seed(testing.new_seed())
-    G, D = TinyG(), CondD()
+    G, D = TinyG().to(device), CondD().to(device)
     dist = AdversarialDistiller(G, D, gp_weight=10.0, clip_value=0.1)
-    inputs, real = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 8, 8)
+    inputs, real = torch.randn(4, 3, 4, 4).to(device), torch.randn(4, 3, 8, 8).to(device)
     fake = dist(inputs, 0)
     with fastdistill.use_backend(backend):
         d_loss = dist.discriminator_loss(real, fake, inputs, generator=torch.Generator().manual_seed(3))
@@ -264,7 +267,8 @@ def test_adversarial_losses_compile_fullgraph_with_fake_kernel_and_autograd():
         d, g = fastdistill.adversarial_losses(r, fk)
         return d + 0.5 * g
 
-    r, fk = torch.randn(5, 1, requires_grad=True), torch.randn(5, 1, requires_grad=True)
+    dev = testing.triton_device()  # CPU under the interpreter, else the GPU
+    r, fk = (torch.randn(5, 1).to(dev).requires_grad_(True) for _ in range(2))
     torch._dynamo.reset()
     with fastdistill.use_backend("triton"):
         eager = f(r, fk)

@@ -16,7 +16,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # 
 from fastdistill import dispatch  # noqa: E402
 from fastdistill.diffusers import FusedAttnProcessor  # noqa: E402
 from fastdistill.nn.attention_distill import AttentionDistillLoss  # noqa: E402
-from fastdistill.testing import assert_close, backends_under_test  # noqa: E402
+from fastdistill.testing import assert_close, backend_device_params  # noqa: E402
 
 
 def dense_kl(q_s, k_s, q_t, k_t, scale_s, scale_t):
@@ -127,12 +127,13 @@ def test_layer_mapping_between_different_names_and_weights():
     assert_close(loss_fn(), want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", [b for b in backends_under_test("fused_attention") if b == "triton"])
-def test_triton_backend_end_to_end(backend):
+# (backend, device) cases: triton on CPU (interpreter) and triton-cuda (gpu-marked; skipped without a GPU).
+@pytest.mark.parametrize("backend,device", backend_device_params("fused_attention", include=["triton"]))
+def test_triton_backend_end_to_end(backend, device):
     torch.manual_seed(0)
-    teacher, student = Toy(2, 40), Toy(2, 16)
+    teacher, student = Toy(2, 40).to(device), Toy(2, 16).to(device)
     loss_fn = AttentionDistillLoss(teacher, student)
-    h = torch.randn(1, 13, 32)
+    h = torch.randn(1, 13, 32).to(device)
     results = []
     for b in (backend, "reference"):
         with dispatch.use_backend(b), dispatch.record_backends() as seen:

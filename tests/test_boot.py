@@ -16,6 +16,8 @@ from fastdistill.testing import check_against_reference as _check_against_refere
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 PREDS = ["epsilon", "sample", "v_prediction"]
 SHAPES = [(1, 5), (3, 2, 5, 7), (2, 3, 33, 33)]  # the last spans two kernel blocks per sample
+# (backend, device) cases: CPU ones, and the *-cuda ones (gpu-marked; skipped with the reason without a GPU).
+BACKENDS = testing.backend_device_params("boot_loss")
 
 
 def check_against_reference(fn, reference, args, kwargs=None, *, backend, **kw):
@@ -34,9 +36,9 @@ def _scales(B: int, gen: torch.Generator, abar_t: torch.Tensor | None = None):
 
 
 @pytest.mark.parametrize("prediction_type", PREDS)
-@pytest.mark.parametrize("backend", testing.backends_under_test("boot_loss"))
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_boot_loss_values_and_grads_vs_float64(prediction_type, backend, dtype):
+def test_boot_loss_values_and_grads_vs_float64(prediction_type, backend, device, dtype):
     gen = testing.generator()
     for i, shape in enumerate(SHAPES):
         B = shape[0]
@@ -48,6 +50,7 @@ def test_boot_loss_values_and_grads_vs_float64(prediction_type, backend, dtype):
             kwargs.update(teacher_output_uncond=randn(*shape, gen=gen, dtype=dtype), guidance_scale=4.5)
         args = [randn(*shape, gen=gen, dtype=dtype, requires_grad=True), randn(*shape, gen=gen, dtype=dtype),
                 randn(*shape, gen=gen, dtype=dtype)]
+        args, kwargs = testing.to_device(args, device), testing.to_device(kwargs, device)
         # bf16 on triton: the forward writes dy_s in bf16 and the backward scales it by the upstream
         # gradient, two roundings of 2^-8 each (exact for the usual upstream gradient of 1).
         grad_rtol = 2e-2 if (backend == "triton" and dtype == torch.bfloat16) else None
@@ -70,13 +73,15 @@ def test_boot_loss_is_the_formula():
     kw = dict(x_t=x_t, alpha_t=a_t, sigma_t=s_t, alpha_s=a_s, sigma_s=s_s, weight=w)
     with fastdistill.use_backend("reference"):
         assert_close(fastdistill.boot_loss(y_s, y_t, eps_hat, **kw), want, rtol=1e-12)
+    dev = testing.triton_device()  # CPU under the interpreter, else the GPU
     with fastdistill.use_backend("triton"):
-        got = fastdistill.boot_loss(y_s.float(), y_t.float(), eps_hat.float(), **{k: v.float() for k, v in kw.items()})
+        got = fastdistill.boot_loss(y_s.float().to(dev), y_t.float().to(dev), eps_hat.float().to(dev),
+                                    **{k: v.float().to(dev) for k, v in kw.items()})
     assert_close(got, want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", testing.backends_under_test("boot_loss"))
-def test_ddim_in_signal_space_identity(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ddim_in_signal_space_identity(backend, device):
     """The teacher's DDIM step t -> s, written for y = (x - sigma eps)/alpha, is y_s = y_t + delta (f - y_t)."""
     gen = testing.generator()
     B, T = 6, 1000
@@ -99,6 +104,7 @@ def test_ddim_in_signal_space_identity(backend):
     # And the loss of that exact DDIM result is 0, whatever the teacher parameterisation.
     eps_hat = (x_t - v(a_t) * f) / v(s_t)
     kw = dict(x_t=x_t.float(), alpha_t=a_t.float(), sigma_t=s_t.float(), alpha_s=a_s.float(), sigma_s=s_s.float())
+    kw, y_s, y_t, eps_hat = testing.to_device((kw, y_s, y_t, eps_hat), device)
     with fastdistill.use_backend(backend):
         loss_eps = fastdistill.boot_loss(y_s.float(), y_t.float(), eps_hat.float(), prediction_type="epsilon", **kw)
         loss_far = fastdistill.boot_loss(y_t.float(), y_t.float(), eps_hat.float(), prediction_type="epsilon", **kw)
@@ -160,21 +166,21 @@ def _alphas_cumprod() -> torch.Tensor:
     return torch.cumprod(1 - torch.linspace(1e-3, 0.2, T), 0)
 
 
-@pytest.mark.parametrize("backend", testing.backends_under_test("boot_loss"))
-def test_boot_distiller_loss_matches_manual_step_and_trains_student_only(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_boot_distiller_loss_matches_manual_step_and_trains_student_only(backend, device):
     torch.manual_seed(testing.new_seed())
-    student, teacher = TinyNet(), TinyNet()
+    student, teacher = TinyNet().to(device), TinyNet().to(device)
     ac = _alphas_cumprod()
     dist = BootDistiller(student, teacher, ac, step_size=3, boundary_weight=0.5, prediction_type="epsilon")
-    noise = torch.randn(4, 3, 6, 6)
-    t = torch.tensor([3, 10, 30, T - 1])
+    noise = torch.randn(4, 3, 6, 6).to(device)
+    t = torch.tensor([3, 10, 30, T - 1], device=device)
     with fastdistill.use_backend(backend):
         loss = dist.loss(noise, t)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     # The same step by hand, in float64.
-    a, s = ac.double().sqrt(), (1 - ac.double()).sqrt()
+    a, s = ac.double().sqrt().to(device), (1 - ac.double()).sqrt().to(device)
     v = lambda c: c.view(-1, 1, 1, 1)  # noqa: E731
     sd, td, n = student.double(), teacher.double(), noise.double()
     with torch.no_grad():
@@ -184,7 +190,7 @@ def test_boot_distiller_loss_matches_manual_step_and_trains_student_only(backend
         y_s = sd(n, t - 3)
         delta = 1 - s[t - 3] * a[t] / (a[t - 3] * s[t])
         bs = ((((y_s - (y_t + v(delta) * (f - y_t))) ** 2).mean((1, 2, 3))) / delta**2).mean()
-        e = torch.full((4,), T - 1)
+        e = torch.full((4,), T - 1, device=device)
         f_e = (n - v(s[e]) * td(n, e)) / v(a[e])
         bc = ((sd(n, e) - f_e) ** 2).mean()
     assert_close(loss, bs + 0.5 * bc, rtol=1e-5, name="BOOT step")
@@ -228,15 +234,16 @@ def test_boot_distiller_bad_arguments():
 
 @pytest.mark.slow
 def test_boot_loss_compiles_fullgraph_with_fake_kernel_and_autograd():
-    a_t, s_t, a_s, s_s = torch.tensor([0.1, 0.5]), torch.tensor([0.99, 0.75**0.5]), torch.tensor([0.3, 0.7]), \
-        torch.tensor([0.91**0.5, 0.51**0.5])
+    dev = testing.triton_device()  # CPU under the interpreter, else the GPU
+    a_t, s_t, a_s, s_s = (torch.tensor(v, device=dev) for v in ([0.1, 0.5], [0.99, 0.75**0.5], [0.3, 0.7],
+                                                                 [0.91**0.5, 0.51**0.5]))
 
     def f(ys, yt, fc, fu, xt):
         return fastdistill.boot_loss(ys, yt, fc, x_t=xt, alpha_t=a_t, sigma_t=s_t, alpha_s=a_s, sigma_s=s_s,
                                      teacher_output_uncond=fu, guidance_scale=2.0)
 
-    ys = torch.randn(2, 3, 4, requires_grad=True)
-    rest = [torch.randn(2, 3, 4) for _ in range(4)]
+    ys = torch.randn(2, 3, 4).to(dev).requires_grad_(True)
+    rest = [torch.randn(2, 3, 4).to(dev) for _ in range(4)]
     torch._dynamo.reset()
     with fastdistill.use_backend("triton"):
         eager = f(ys, *rest)

@@ -52,6 +52,16 @@ def test_demo_writes_every_file_with_finite_numbers(demo_run):
     md = (demo_run / "report.md").read_text()
     for name in methods.METHODS:
         assert f"| {name} |" in md
+    # A speed-up only where the two paths ran different backends (on CPU e.g. o2mkd's C++ kernels).
+    for name, m in report["methods"].items():
+        c = m["fused_vs_reference"]
+        assert all(b.endswith("=reference") for b in c["reference_backends"]), c
+        row = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
+        assert c["same_backends"] == (c["fused_backends"] == c["reference_backends"])
+        if c["same_backends"]:
+            assert c["speedup"] is None and "none: both ran the reference" in row, (name, c)
+        else:
+            assert c["speedup"] > 0 and f"| {c['speedup']:.4g}x |" in row, (name, c)
 
 
 def test_second_run_reuses_cached_teacher(demo_run):
@@ -99,3 +109,43 @@ def test_missing_demo_dependencies_name_the_extra(tmp_path, capsys, monkeypatch)
     assert rc == 1
     err = capsys.readouterr().err
     assert "sklearn" in err and "fastdistill[demo]" in err
+
+
+def _fake_method(fused_backends, speedup):
+    return {"steps_done": 3, "interrupted": False, "student_sampling_steps": 8, "final_loss": 0.1,
+            "fused_vs_reference": {"fused_backends": fused_backends,
+                                   "reference_backends": [b.split("=")[0] + "=reference" for b in fused_backends],
+                                   "same_backends": all(b.endswith("=reference") for b in fused_backends),
+                                   "step_ms_fused": 10.0, "step_ms_reference": 15.0, "speedup": speedup,
+                                   "peak_mib_fused": None, "peak_mib_reference": None,
+                                   "loss_relative_difference": 0.0},
+            "quality": {"sample_mse_vs_teacher": 0.1, "feature_distance_student_vs_teacher": 1.0,
+                        "feature_distance_student_vs_data": 2.0, "feature_distance_teacher_vs_data": 3.0}}
+
+
+def test_report_gives_a_speedup_only_for_different_backends(tmp_path):
+    from fastdistill.demo.report import write_reports
+
+    report = {"environment": {"device_name": "cpu", "torch": "x", "triton": "y", "fastdistill": "z"},
+              "data": "digits", "teacher": {"description": "unet", "source": "shipped", "sampling_steps": 16},
+              "peak_memory_kind": "n/a",
+              "methods": {"same": _fake_method(["pd_loss=reference", "ddim_step=reference"], None),
+                          "cpp": _fake_method(["segment_mse=cpp", "pd_loss=reference"], 1.5)}}
+    write_reports(str(tmp_path / "r.md"), str(tmp_path / "r.json"), report)
+    rows = {line.split("|")[1].strip(): line for line in (tmp_path / "r.md").read_text().splitlines()
+            if line.startswith("| same |") or line.startswith("| cpp |")}
+    assert "none: both ran the reference" in rows["same"] and "x |" not in rows["same"]
+    assert "| 1.5x |" in rows["cpp"]
+
+
+def test_loss_plot_has_one_linear_panel_per_term(tmp_path):
+    from fastdistill.demo.report import save_loss_curves
+
+    curves = {"rdd": [{"loss": 0.01 - 1e-4 * i, "pd": 0.01 - 1e-4 * i, "relational": 1e-4} for i in range(12)],
+              "adv-kd": [{"loss": 2.0, "discriminator": 10.0, "l2": 0.1 / (i + 1)} for i in range(12)],
+              "empty": []}
+    panels = save_loss_curves(str(tmp_path / "l.png"), curves)
+    # The total first, then every term in its own panel: none hides under another or shares a scale.
+    assert panels == [("rdd", "loss"), ("rdd", "pd"), ("rdd", "relational"),
+                      ("adv-kd", "loss"), ("adv-kd", "discriminator"), ("adv-kd", "l2")]
+    assert (tmp_path / "l.png").stat().st_size > 0

@@ -21,6 +21,7 @@ from fastdistill.diffusers import (  # noqa: E402
     attention_modules,
     disable_fused_attention,
     enable_fused_attention,
+    fused_processor_for,
     unwrap_model,
 )
 from fastdistill.testing import assert_close, backends_under_test  # noqa: E402
@@ -163,7 +164,8 @@ def test_attention_module_flavours(backend, case):
     stock_proc = attn.processor
     assert type(stock_proc) is (AttnProcessor if not kwargs.get("scale_qk", True) else AttnProcessor2_0)
     stock = _run(attn, fwd, inputs, backend)
-    attn.set_processor(FusedAttnProcessor())
+    # What enable_fused_attention installs: attn.scale for the legacy AttnProcessor, else SDPA's scale.
+    attn.set_processor(fused_processor_for(stock_proc))
     fused = _run(attn, fwd, inputs, backend)
     _compare(stock, fused)
 
@@ -262,3 +264,204 @@ def test_bad_mask_from_diffusers_is_a_clear_error():
 
 def test_public_exports():
     assert fastdistill.fused_attention is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# AttnProcessor2_0, call for call (issue 15 item 5): masked rows, scale, head-dim fallback, mask
+# gradients, set_default_attn_processor, and a UNet2DConditionModel side by side.
+# ----------------------------------------------------------------------------------------------
+
+def _side_by_side(attn, fwd, inputs, backend, proc, stock_proc=None, rtol=2e-4):
+    """Run ``attn`` with ``stock_proc`` (AttnProcessor2_0) and with ``proc``; compare outputs and
+    gradients. Returns (stock, fused) results."""
+    attn.set_processor(stock_proc if stock_proc is not None else AttnProcessor2_0())
+    stock = _run(attn, fwd, inputs, backend)
+    attn.set_processor(proc)
+    fused = _run(attn, fwd, inputs, backend)
+    _compare(stock, fused, rtol=rtol)
+    return stock, fused
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("kind", ["bool", "float-inf"])
+def test_fully_masked_rows_give_zero_like_attnprocessor2_0(backend, kind):
+    torch.manual_seed(2)
+    attn = Attention(query_dim=32, cross_attention_dim=16, heads=2, dim_head=16)
+    h = torch.randn(3, 5, 32, requires_grad=True)
+    ehs = torch.randn(3, 6, 16, requires_grad=True)
+    keep = torch.rand(3, 5, 6) > 0.4
+    keep[..., 0] = True
+    keep[0, 2] = False  # one query row of sample 0 sees no key
+    keep[2] = False  # sample 2 sees no key at all
+    mask = keep if kind == "bool" else torch.zeros(3, 5, 6).masked_fill(~keep, float("-inf"))
+
+    def fwd(m):
+        return m(h, encoder_hidden_states=ehs, attention_mask=mask)
+
+    stock, fused = _side_by_side(attn, fwd, [h, ehs], backend, FusedAttnProcessor())
+    y, grads = fused
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads.values())
+    # A row that attends to nothing gives to_out's bias only (attention output 0), as with SDPA.
+    bias = attn.to_out[0].bias.detach()
+    assert_close(y[2], bias.expand(5, -1), rtol=1e-6, name="fully masked sample")
+    assert_close(y[0, 2], bias, rtol=1e-6, name="fully masked row")
+    assert grads["input1"][2].abs().max().item() == 0.0  # nothing flows into keys nobody attends to
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_scale_is_attnprocessor2_0s_not_attn_scale(backend):
+    torch.manual_seed(3)
+    h = torch.randn(2, 7, 64, requires_grad=True)
+
+    def fwd(m):
+        return m(h)
+
+    # scale_qk=False: attn.scale == 1.0, but AttnProcessor2_0 (forced on the module) uses 1/sqrt(32).
+    attn = Attention(query_dim=64, heads=2, dim_head=32, scale_qk=False)
+    assert attn.scale == 1.0
+    stock, _ = _side_by_side(attn, fwd, [h], backend, FusedAttnProcessor())
+    # ...and with use_attn_scale=True it is the legacy AttnProcessor's 1.0.
+    _, legacy = _side_by_side(attn, fwd, [h], backend, FusedAttnProcessor(use_attn_scale=True),
+                              stock_proc=AttnProcessor())
+    assert (legacy[0] - stock[0]).abs().max().item() > 1e-2  # the two scales really differ here
+    # A changed attn.scale on a scale_qk=True module: AttnProcessor2_0 ignores it, so do we.
+    attn = Attention(query_dim=64, heads=2, dim_head=32)
+    attn.scale = 0.7
+    _side_by_side(attn, fwd, [h], backend, FusedAttnProcessor())
+    _side_by_side(attn, fwd, [h], backend, FusedAttnProcessor(use_attn_scale=True), stock_proc=AttnProcessor())
+
+
+def test_enable_keeps_each_modules_scale_rule():
+    attn_legacy = Attention(query_dim=16, heads=1, dim_head=16, scale_qk=False)
+    attn_sdpa = Attention(query_dim=16, heads=1, dim_head=16)
+    tree = torch.nn.ModuleList([attn_legacy, attn_sdpa])
+    assert type(attn_legacy.processor) is AttnProcessor
+    assert enable_fused_attention(tree) == 2
+    assert attn_legacy.processor.use_attn_scale is True and attn_sdpa.processor.use_attn_scale is False
+    with pytest.raises(TypeError, match="use_attn_scale must be a bool"):
+        FusedAttnProcessor(use_attn_scale=1)
+    with pytest.raises(TypeError, match="processor must be a FusedAttnProcessor"):
+        enable_fused_attention(tree, AttnProcessor2_0())
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_head_dim_above_kernel_limit_runs_sdpa_with_one_warning(backend, monkeypatch):
+    import warnings
+
+    from fastdistill.diffusers import processor as proc_mod
+
+    monkeypatch.setattr(proc_mod, "_SDPA_WARNED", set())
+    torch.manual_seed(4)
+    attn = Attention(query_dim=32, heads=1, dim_head=264)
+    h = torch.randn(2, 5, 32, requires_grad=True)
+
+    def fwd(m):
+        return m(h)
+
+    with warnings.catch_warnings(record=True) as caught, dispatch.record_backends() as seen:
+        warnings.simplefilter("always")
+        _side_by_side(attn, fwd, [h], backend, FusedAttnProcessor())
+        fwd(attn)  # a second call: no second warning
+    msgs = [str(w.message) for w in caught if issubclass(w.category, dispatch.FallbackWarning)]
+    if backend == "triton":
+        assert len(msgs) == 1 and "head dim 264 > 256" in msgs[0] and "scaled_dot_product_attention" in msgs[0]
+        assert ("fused_attention", "triton") not in seen
+    else:  # the reference takes any head dim: no fallback, no warning
+        assert msgs == [] and ("fused_attention", "reference") in seen
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("mask_shape", [(2, 1, 6), (2, 5, 6)])
+def test_float_mask_that_requires_grad_gets_its_gradient(backend, mask_shape, monkeypatch):
+    """Never a silent detach: the mask's gradient equals float64 AttnProcessor2_0's (SDPA's)."""
+    import warnings
+
+    from fastdistill.diffusers import processor as proc_mod
+
+    monkeypatch.setattr(proc_mod, "_SDPA_WARNED", set())
+    torch.manual_seed(5)
+    attn = Attention(query_dim=32, cross_attention_dim=8, heads=2, dim_head=16)
+    h, ehs = torch.randn(2, 5, 32), torch.randn(2, 6, 8)
+    mask = torch.randn(*mask_shape, requires_grad=True)
+    attn.set_processor(FusedAttnProcessor())
+    with dispatch.use_backend(backend), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = attn(h, encoder_hidden_states=ehs, attention_mask=mask)
+    w = torch.linspace(0.5, 1.5, y.numel()).view_as(y)
+    (got,) = torch.autograd.grad((y * w).sum(), mask)
+    ref = copy.deepcopy(attn).double()
+    ref.set_processor(AttnProcessor2_0())
+    m64 = mask.detach().double().requires_grad_(True)
+    y64 = ref(h.double(), encoder_hidden_states=ehs.double(), attention_mask=m64)
+    (want,) = torch.autograd.grad((y64 * w.double()).sum(), m64)
+    assert_close(y, y64, rtol=2e-5, name="output")
+    assert_close(got, want, rtol=1e-4, name="mask gradient")
+    assert got.abs().max().item() > 0
+    fallback = [str(x.message) for x in caught if issubclass(x.category, dispatch.FallbackWarning)]
+    assert (len(fallback) == 1 and "no mask gradient" in fallback[0]) if backend == "triton" else not fallback
+
+
+def test_set_default_attn_processor_after_enable():
+    torch.manual_seed(0)
+    unet = _unet_cond()
+    stock = copy.deepcopy(unet)
+    assert enable_fused_attention(unet) == 8
+    unet.set_default_attn_processor()  # raised ValueError before FusedAttnProcessor was registered
+    stock.set_default_attn_processor()
+    assert all(type(p) is AttnProcessor for p in unet.attn_processors.values())
+    x, ehs = torch.randn(1, 4, 8, 8), torch.randn(1, 7, 64)
+    with torch.no_grad():
+        assert_close(unet(x, 5, ehs).sample, stock(x, 5, ehs).sample, rtol=1e-6)
+    # Other diffusers models take the same check (e.g. AutoencoderKL, imported after registration).
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(32,), norm_num_groups=8, latent_channels=2)
+    assert enable_fused_attention(vae) == 2
+    vae.set_default_attn_processor()
+    assert all(type(p) is AttnProcessor for p in vae.attn_processors.values())
+
+
+def _unet_all_features() -> UNet2DConditionModel:
+    """AttnDown/AttnUp blocks whose Attention has group_norm and residual_connection (their
+    rescale_output_factor is set to 1.5: the blocks' output_scale_factor is not exposed by
+    UNet2DConditionModel's config) and cross-attention transformer blocks (attn1 self, attn2 cross,
+    one head of 32 so the interpreter stays fast). The mid block has no attention, so one
+    self-attention mask (16 tokens at 4x4) fits every masked layer."""
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                down_block_types=("AttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                mid_block_type="UNetMidBlock2D",
+                                up_block_types=("CrossAttnUpBlock2D", "AttnUpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=16, attention_head_dim=(8, 4), norm_num_groups=8)
+    for m in attention_modules(unet).values():
+        if m.group_norm is not None:
+            m.rescale_output_factor = 1.5
+    return unet
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_unet2d_condition_side_by_side_every_feature(backend):
+    """Bool encoder_attention_mask (one sample with every text token dropped) and a float
+    self-attention mask, as UNet2DConditionModel turns them into additive biases; values and the
+    gradients of every parameter and input."""
+    torch.manual_seed(6)
+    stock = _unet_all_features()
+    mods = attention_modules(stock)
+    assert sum(m.is_cross_attention for m in mods.values()) == 3
+    assert sum(m.group_norm is not None and m.residual_connection and m.rescale_output_factor == 1.5
+               for m in mods.values()) == 3
+    fused = copy.deepcopy(stock)
+    assert enable_fused_attention(fused) == len(mods) == 9
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    ehs = torch.randn(2, 5, 16, requires_grad=True)
+    enc = torch.tensor([[True, True, False, True, False], [False] * 5])
+    self_mask = (torch.rand(2, 16) > 0.2).float()  # self-attention of the 4x4 cross-attention blocks
+    self_mask[:, 0] = 1.0
+
+    def fwd(m):
+        return m(x, torch.tensor([3, 700]), ehs, attention_mask=self_mask, encoder_attention_mask=enc).sample
+
+    want = _run(stock, fwd, [x, ehs], backend)
+    with dispatch.record_backends() as seen:
+        got = _run(fused, fwd, [x, ehs], backend)
+    assert ("fused_attention", backend) in seen
+    _compare(want, got)

@@ -46,19 +46,21 @@ def _timesteps(sched, B: int, gen: torch.Generator) -> tuple[torch.Tensor, torch
 
 
 # The triton backend takes fp32/bf16/fp16 (fp64 is rejected: test_float64_on_triton_is_a_clear_error).
-_DIFFUSERS_CASES = [(b, d) for b in testing.backends_under_test("ddim_step") for d in (torch.float32, torch.float64)
-                    if not (b == "triton" and d == torch.float64)]
+# (backend, device) cases: CPU ones, and the *-cuda ones (gpu-marked; skipped with the reason without a GPU).
+_DIFFUSERS_CASES = [(c, d) for c in testing.backend_device_cases("ddim_step") for d in (torch.float32, torch.float64)
+                    if not (c.backend == "triton" and d == torch.float64)]
+_DIFFUSERS_CASES = [c.param(d, id=f"dtype{i}") for i, (c, d) in enumerate(_DIFFUSERS_CASES)]  # the old ids
 
 
 @pytest.mark.parametrize("prediction_type", PREDS)
-@pytest.mark.parametrize("backend,dtype", _DIFFUSERS_CASES)
-def test_ddim_step_equals_diffusers_step_per_sample(prediction_type, backend, dtype):
+@pytest.mark.parametrize("backend,device,dtype", _DIFFUSERS_CASES)
+def test_ddim_step_equals_diffusers_step_per_sample(prediction_type, backend, device, dtype):
     sched = _ddim_scheduler(prediction_type, dtype)
     gen = testing.generator()
     B = 5
-    x = randn(B, 3, 8, 8, gen=gen, dtype=dtype)
-    m = randn(B, 3, 8, 8, gen=gen, dtype=dtype)
-    t, p = _timesteps(sched, B, gen)
+    x = randn(B, 3, 8, 8, gen=gen, dtype=dtype, device=device)
+    m = randn(B, 3, 8, 8, gen=gen, dtype=dtype, device=device)
+    t, p = testing.to_device(_timesteps(sched, B, gen), device)
     with fastdistill.use_backend(backend):
         prev, x0 = fastdistill.ddim_step(x, m, t, p, sched, prediction_type=prediction_type)
     for b in range(B):
@@ -69,9 +71,9 @@ def test_ddim_step_equals_diffusers_step_per_sample(prediction_type, backend, dt
 
 
 @pytest.mark.parametrize("prediction_type", PREDS)
-@pytest.mark.parametrize("backend", testing.backends_under_test("ddim_step"))
+@pytest.mark.parametrize("backend,device", testing.backend_device_params("ddim_step"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ddim_step_values_and_grads_vs_float64(prediction_type, backend, dtype):
+def test_ddim_step_values_and_grads_vs_float64(prediction_type, backend, device, dtype):
     gen = testing.generator()
     ac = torch.linspace(0.9999, 0.004, 100, dtype=torch.float64).float()
     for shape in SHAPES:
@@ -80,7 +82,8 @@ def test_ddim_step_values_and_grads_vs_float64(prediction_type, backend, dtype):
         m = randn(*shape, gen=gen, dtype=dtype, requires_grad=True)
         t = torch.randint(0, 100, (B,), generator=gen)
         p = t - torch.randint(1, 30, (B,), generator=gen)  # some negative: final alpha
-        check_against_reference(fastdistill.ddim_step, fastdistill.ddim_step, [x, m, t, p, ac],
+        args = testing.to_device([x, m, t, p, ac], device)
+        check_against_reference(fastdistill.ddim_step, fastdistill.ddim_step, args,
                                 {"prediction_type": prediction_type}, dtype=dtype, backend=backend)
 
 
@@ -95,9 +98,9 @@ def test_ddim_step_reference_is_the_formula():
     assert_close(prev, a_p.sqrt() * want_x0 + (1 - a_p).sqrt() * m, rtol=1e-12)
 
 
-@pytest.mark.parametrize("backend", testing.backends_under_test("progressive_distillation_target"))
+@pytest.mark.parametrize("backend,device", testing.backend_device_params("progressive_distillation_target"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_pd_target_values_and_grads_vs_float64(backend, dtype):
+def test_pd_target_values_and_grads_vs_float64(backend, device, dtype):
     gen = testing.generator()
     for shape in SHAPES:
         B = shape[0]
@@ -111,11 +114,12 @@ def test_pd_target_values_and_grads_vs_float64(backend, dtype):
         # float64 reference), and dz = dx~/den - (alpha_t/sigma_t) deps~/den partly cancels, which can
         # lift that input rounding (2^-8) past 1% of the result on either backend.
         grad_rtol = 3e-2 if dtype == torch.bfloat16 else None
-        check_against_reference(op, op, args, dtype=dtype, backend=backend, grad_rtol=grad_rtol)
+        check_against_reference(op, op, testing.to_device(args, device), dtype=dtype, backend=backend,
+                                grad_rtol=grad_rtol)
 
 
-@pytest.mark.parametrize("backend", testing.backends_under_test("progressive_distillation_target"))
-def test_pd_target_one_student_step_lands_on_teacher_result(backend):
+@pytest.mark.parametrize("backend,device", testing.backend_device_params("progressive_distillation_target"))
+def test_pd_target_one_student_step_lands_on_teacher_result(backend, device):
     """z_s = alpha_s x~ + sigma_s eps~ (a DDIM step of the student from z_t) equals the teacher's z_s."""
     gen = testing.generator()
     B = 4
@@ -123,6 +127,7 @@ def test_pd_target_one_student_step_lands_on_teacher_result(backend):
     abar_t = torch.rand(B, generator=gen) * 0.4 + 0.05
     abar_s = abar_t + 0.2 + torch.rand(B, generator=gen) * 0.3
     a_t, s_t, a_s, s_s = abar_t.sqrt(), (1 - abar_t).sqrt(), abar_s.sqrt(), (1 - abar_s).sqrt()
+    z_t, z_s, a_t, s_t, a_s, s_s = testing.to_device((z_t, z_s, a_t, s_t, a_s, s_s), device)
     with fastdistill.use_backend(backend):
         x, e = fastdistill.progressive_distillation_target(z_t, z_s, a_t, s_t, a_s, s_s)
     v = lambda c: c.view(B, 1, 1, 1)  # noqa: E731
@@ -130,9 +135,9 @@ def test_pd_target_one_student_step_lands_on_teacher_result(backend):
     assert_close(v(a_s) * x + v(s_s) * e, z_s, rtol=1e-5, name="student DDIM step")
 
 
-@pytest.mark.parametrize("backend", testing.backends_under_test("pd_loss"))
+@pytest.mark.parametrize("backend,device", testing.backend_device_params("pd_loss"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_pd_loss_values_and_grads_vs_float64(backend, dtype):
+def test_pd_loss_values_and_grads_vs_float64(backend, device, dtype):
     gen = testing.generator()
     for shape in SHAPES:
         B = shape[0]
@@ -140,18 +145,19 @@ def test_pd_loss_values_and_grads_vs_float64(backend, dtype):
         args = [randn(*shape, gen=gen, dtype=dtype, requires_grad=True), randn(*shape, gen=gen, dtype=dtype),
                 randn(*shape, gen=gen, dtype=dtype), randn(*shape, gen=gen, dtype=dtype), abar.sqrt(),
                 (1 - abar).sqrt()]
-        res = check_against_reference(fastdistill.pd_loss, fastdistill.pd_loss, args, dtype=dtype, backend=backend)
+        res = check_against_reference(fastdistill.pd_loss, fastdistill.pd_loss, testing.to_device(args, device),
+                                      dtype=dtype, backend=backend)
         assert res.outputs[0].dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", testing.backends_under_test("pd_loss"))
-def test_pd_loss_routes_gradient_by_per_sample_max(backend):
+@pytest.mark.parametrize("backend,device", testing.backend_device_params("pd_loss"))
+def test_pd_loss_routes_gradient_by_per_sample_max(backend, device):
     """Sample 0: x-branch is the max (eps term exact); sample 1: eps-branch (x term exact)."""
     gen = testing.generator()
-    a = torch.tensor([0.6, 0.8])
+    a = torch.tensor([0.6, 0.8], device=device)
     s = (1 - a * a).sqrt()
-    xs = randn(2, 9, gen=gen, requires_grad=True)
-    zt = randn(2, 9, gen=gen)
+    xs = randn(2, 9, gen=gen, device=device, requires_grad=True)
+    zt = randn(2, 9, gen=gen, device=device)
     eps_s = (zt - a[:, None] * xs.detach()) / s[:, None]
     xt = torch.stack([xs[0].detach() + 1.0, xs[1].detach()])
     et = torch.stack([eps_s[0], eps_s[1] + 1.0])
@@ -165,7 +171,8 @@ def test_pd_loss_routes_gradient_by_per_sample_max(backend):
 
 
 def test_pd_loss_gives_no_gradient_to_targets():
-    x, xt, et, zt = (randn(2, 5, requires_grad=True) for _ in range(4))
+    # triton on CPU under the interpreter, else on the GPU
+    x, xt, et, zt = (randn(2, 5, device=testing.triton_device(), requires_grad=True) for _ in range(4))
     with fastdistill.use_backend("triton"):
         loss = fastdistill.pd_loss(x, xt, et, zt, 0.5, 0.8)
     grads = torch.autograd.grad(loss, [x, xt, et, zt], allow_unused=True)
@@ -203,22 +210,23 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_float64_on_triton_is_a_clear_error():
-    x = torch.randn(2, 3, dtype=torch.float64)
+    x = torch.randn(2, 3, dtype=torch.float64, device=testing.triton_device())
     with fastdistill.use_backend("triton"), pytest.raises(TypeError, match="triton backend computes in float32"):
         fastdistill.pd_loss(x, x, x, x, 0.5, 0.5)
 
 
 @pytest.mark.slow
 def test_compiles_fullgraph_with_fake_kernels_and_autograd():
-    ac = torch.linspace(0.99, 0.02, 20)
+    dev = testing.triton_device()  # CPU under the interpreter, else the GPU
+    ac = torch.linspace(0.99, 0.02, 20, device=dev)
 
     def f(x, m, t, p):
         prev, x0 = fastdistill.ddim_step(x, m, t, p, ac, prediction_type="v_prediction")
         xt, et = fastdistill.progressive_distillation_target(x, prev.detach(), 0.3, 0.95, 0.5, 0.86)
         return fastdistill.pd_loss(x0, xt, et, x, 0.3, 0.95)
 
-    x, m = torch.randn(3, 2, 4), torch.randn(3, 2, 4, requires_grad=True)
-    t, p = torch.tensor([19, 10, 5]), torch.tensor([15, 4, -1])
+    x, m = torch.randn(3, 2, 4).to(dev), torch.randn(3, 2, 4).to(dev).requires_grad_(True)
+    t, p = torch.tensor([19, 10, 5], device=dev), torch.tensor([15, 4, -1], device=dev)
     torch._dynamo.reset()
     with fastdistill.use_backend("triton"):
         eager = f(x, m, t, p)

@@ -43,8 +43,12 @@ RTOL, ATOL = 2e-4, 1e-6
 # spawn machinery
 
 
+_SCRATCH: list[str] = []  # the spawn's output dir, set in each rank (scenarios signal through files there)
+
+
 def _worker(rank: int, world: int, rdzv: str, group_name: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # 2 ranks on a shared 2-core box
+    _SCRATCH[:] = [out_dir]
     # A short timeout turns a would-be hang (one rank failing inside a collective) into an error.
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
@@ -384,6 +388,19 @@ def _loss_synced_batch_norm(rank: int, world: int) -> dict[str, Any]:
     return _ddp_vs_full_batch(rank, world, _map_model, x, [teacher], loss_of)
 
 
+def _loss_memory_p2p_op(rank: int, world: int) -> dict[str, Any]:
+    """The memory term's loss with a group: the mean over the global batch's pixels (same bank on all ranks)."""
+    bank = F.normalize(_full_inputs(35, 10, C), dim=1)
+    index = torch.tensor([0, 3, 4, 9, 7])
+
+    def loss_of(feat, extras, group):
+        return fastdistill.memory_p2p_loss(feat, extras[0], bank, index=index, temperature=0.5, process_group=group)
+
+    x = _full_inputs(36, WORLD * B, 3, H, W_)
+    teacher = _full_inputs(37, WORLD * B, C, H, W_).relu()
+    return _ddp_vs_full_batch(rank, world, _map_model, x, [teacher], loss_of)
+
+
 def _moments_of(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, var) from moment_statistics' result, whether a tuple or a named result."""
     if isinstance(out, tuple) and len(out) >= 2:
@@ -443,11 +460,12 @@ def _loss_primitive_moments_uneven(rank: int, world: int) -> dict[str, Any]:
 
 
 class _StudentWithMemoryLoss(nn.Module):
-    def __init__(self, group: Any) -> None:
+    def __init__(self, sync_group: Any) -> None:
         super().__init__()
         self.student = _map_model()
+        # sync_group: the official collectives (queue gather, head batch norm); the loss stays per rank
         self.memory = fastdistill.nn.MemoryP2PLoss(pixel_memory_size=40, pixel_contrast_size=12,
-                                                   s_channels=C, t_channels=C, factor=0.1, process_group=group)
+                                                   s_channels=C, t_channels=C, factor=0.1, sync_group=sync_group)
 
     def forward(self, x: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return self.memory(self.student(x), teacher)
@@ -488,6 +506,91 @@ def _loss_memory_p2p(rank: int, world: int) -> dict[str, Any]:
 
 def _loss_memory_p2p_whole_ddp(rank: int, world: int) -> dict[str, Any]:
     return _memory_run(rank, world, "whole_ddp")
+
+
+# --------------------------------------------------------------------------------------------------
+# group "defaults": every loss's default process_group is local (the official per-rank loss)
+
+
+def _default_inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's slice of one global batch: student maps (leaf), teacher maps, timesteps."""
+    sl = slice(rank * B, (rank + 1) * B)
+    feat = _full_inputs(41, WORLD * B, C, H, W_)[sl].clone().requires_grad_()
+    teacher = _full_inputs(42, WORLD * B, C, H, W_).relu()[sl]
+    return feat, teacher, torch.tensor(_TIMESTEPS)[sl]
+
+
+def _moment_case(feat: torch.Tensor, kw: dict) -> torch.Tensor:
+    mean, var = _moments_of(fastdistill.moment_statistics(feat, dims=(0, 2, 3), **kw))
+    return ((mean - 0.3) ** 2).sum() + ((var - 1.0) ** 2).sum()
+
+
+# name -> loss(feat, teacher, timesteps, kw); kw is {} (the default) or {"process_group": ...}
+_DEFAULT_CASES: dict[str, Callable[..., torch.Tensor]] = {
+    "relational_kl": lambda f, t, ts, kw: fastdistill.relational_kl(
+        f.flatten(1), f.flatten(1), t.flatten(1), t.flatten(1), temperature=0.5, normalize=True, **kw),
+    "fused_rdd_loss": lambda f, t, ts, kw: fastdistill.fused_rdd_loss(f, t, temperature=0.5, **kw),
+    "memory_p2p_loss": lambda f, t, ts, kw: fastdistill.memory_p2p_loss(
+        f, t, F.normalize(_full_inputs(43, 10, C), dim=1), temperature=0.5, **kw),
+    "moment_statistics": lambda f, t, ts, kw: _moment_case(f, kw),
+    "segment_mse": lambda f, t, ts, kw: fastdistill.segment_mse(
+        f, t, fastdistill.segment_route(ts, _BOUNDARIES), **kw).sum(),
+    "IntraSampleP2PLoss": lambda f, t, ts, kw: fastdistill.nn.IntraSampleP2PLoss(0.5, **kw)(f, t),
+    "RDDLoss": lambda f, t, ts, kw: fastdistill.nn.RDDLoss(C, C, memory=False, **kw)(f, t),
+}
+
+
+def _memory_module(kw: dict) -> nn.Module:
+    torch.manual_seed(8)  # same weights, queue and enqueue draws on every rank and for every variant
+    return fastdistill.nn.MemoryP2PLoss(pixel_memory_size=40, pixel_contrast_size=12, s_channels=C, t_channels=C,
+                                        **kw)
+
+
+def _value_and_grad(case: Callable[..., torch.Tensor], rank: int, kw: dict) -> dict[str, Any]:
+    feat, teacher, ts = _default_inputs(rank)
+    loss = case(feat, teacher, ts, kw)
+    loss.backward()
+    return {"loss": loss.item(), "grad": feat.grad.reshape(-1).tolist()}
+
+
+def _defaults_local(rank: int, world: int) -> dict[str, Any]:
+    """Each loss with its default, with process_group=None and with WORLD, on this rank's slice."""
+    out: dict[str, Any] = {"active": fdist.is_active(fdist.WORLD)}
+    for name, case in _DEFAULT_CASES.items():
+        out[name] = {label: _value_and_grad(case, rank, kw) for label, kw in
+                     (("default", {}), ("none", {"process_group": None}), ("world", {"process_group": fdist.WORLD}))}
+    # MemoryP2PLoss: the loss is per rank by default, the official queue gather still runs
+    mem: dict[str, Any] = {}
+    for label, kw in (("default", {}), ("none", {"process_group": None}), ("world", {"process_group": fdist.WORLD})):
+        module = _memory_module(kw).train()
+        mem[label] = _value_and_grad(lambda f, t, ts, _kw: module(f, t), rank, {})
+        mem[label]["queue"] = module.teacher_pixel_queue.tolist()
+    out["MemoryP2PLoss"] = mem
+    return out
+
+
+def _defaults_skip(rank: int, world: int) -> dict[str, Any]:
+    """Rank 1 never calls the losses; rank 0 calls every one with its default (and MemoryP2PLoss with
+    sync_group=None), forward and backward. Rank 1 waits for rank 0's flag file, running no collective: if a
+    default ran one, rank 0 would block in it and rank 1's wait would time out."""
+    flag = Path(_SCRATCH[0]) / "skip_done"
+    if rank == 0:
+        ran = []
+        for name, case in _DEFAULT_CASES.items():
+            _value_and_grad(case, rank, {})
+            ran.append(name)
+        module = _memory_module({"sync_group": None}).train()
+        _value_and_grad(lambda f, t, ts, _kw: module(f, t), rank, {})
+        ran.append("MemoryP2PLoss(sync_group=None)")
+        flag.write_text("done")
+        return {"ran": ran}
+    import time
+    deadline = time.monotonic() + 30.0
+    while not flag.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("rank 0 did not finish the local losses within 30 s: a default ran a collective")
+        time.sleep(0.05)
+    return {"waited": True}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -597,12 +700,14 @@ GROUPS: dict[str, list[tuple[str, Callable[[int, int], Any]]]] = {
         ("synced_batch_norm", _loss_synced_batch_norm),
         ("moment_statistics", _loss_moment_statistics),
         ("segment_mse", _loss_segment_mse),
+        ("memory_p2p_loss", _loss_memory_p2p_op),
         ("segment_mse_uneven", _loss_segment_mse_uneven),
         ("primitive_moments_uneven", _loss_primitive_moments_uneven),
         ("MemoryP2PLoss", _loss_memory_p2p),
         ("MemoryP2PLoss_whole_ddp", _loss_memory_p2p_whole_ddp),
     ],
     "compile": [("gather", _prim_compiled_gather)],
+    "defaults": [("local", _defaults_local), ("skip", _defaults_skip)],
     "multi_student": [("ddp", _multi_student_ddp), ("fsdp", _multi_student_fsdp)],
 }
 
@@ -730,8 +835,8 @@ def test_all_reduce_moments_matches_single_process(spawned):
 # tests: every cross-sample loss under DDP
 
 
-LOSSES = ["primitive_relational", "primitive_moments", "relational_kl", "fused_rdd_loss_bf16", "fused_rdd_loss", "IntraSampleP2PLoss", "synced_batch_norm", "moment_statistics",
-          "segment_mse"]
+LOSSES = ["primitive_relational", "primitive_moments", "relational_kl", "fused_rdd_loss_bf16", "fused_rdd_loss",
+          "IntraSampleP2PLoss", "synced_batch_norm", "moment_statistics", "segment_mse", "memory_p2p_loss"]
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -789,6 +894,44 @@ def test_memory_p2p_loss_module_inside_ddp(spawned):
     vals = _values(spawned("losses"), "MemoryP2PLoss_whole_ddp")
     assert vals[0]["queue"] == vals[1]["queue"] and vals[0]["ptr"] == vals[1]["ptr"]
     assert all(torch.isfinite(torch.tensor(v["losses"])).all() for v in vals)
+
+
+# --------------------------------------------------------------------------------------------------
+# tests: the default process_group is local under 2 ranks (the official per-rank objective)
+
+
+@pytest.mark.parametrize("name", list(_DEFAULT_CASES))
+def test_default_process_group_is_the_local_loss(spawned, name):
+    vals = _values(spawned("defaults"), "local")
+    assert all(v["active"] for v in vals), "the world group must be active in the ranks for this test to mean anything"
+    for r, v in enumerate(vals):
+        d = v[name]
+        # the default is exactly the per-rank (process_group=None) loss and gradient ...
+        assert d["default"] == d["none"], f"{name}: rank {r} default differs from process_group=None"
+        # ... and equals the loss of this rank's slice computed in a process with no torch.distributed at all
+        ref = _value_and_grad(_DEFAULT_CASES[name], r, {})
+        _assert_close(d["default"]["loss"], ref["loss"], f"{name}: rank {r} default vs the local loss")
+        _assert_close(d["default"]["grad"], ref["grad"], f"{name}: rank {r} default gradient vs the local one")
+    # the global-batch objective is one argument away, and it is a different number (the test can fail)
+    assert any(not _close(v[name]["world"]["loss"], v[name]["default"]["loss"]) for v in vals), name
+    # with the group, every rank reports the one global-batch value
+    assert vals[0][name]["world"]["loss"] == pytest.approx(vals[1][name]["world"]["loss"], rel=1e-6)
+
+
+def test_memory_p2p_module_default_local_loss_official_queue_gather(spawned):
+    vals = _values(spawned("defaults"), "local")
+    for r, v in enumerate(vals):
+        m = v["MemoryP2PLoss"]
+        assert m["default"] == m["none"], f"rank {r}: MemoryP2PLoss default loss is not the per-rank loss"
+    assert not _close(vals[0]["MemoryP2PLoss"]["default"]["loss"], vals[0]["MemoryP2PLoss"]["world"]["loss"])
+    # the queue gather is the official behaviour and stays on by default: both ranks enqueue the global batch
+    assert vals[0]["MemoryP2PLoss"]["default"]["queue"] == vals[1]["MemoryP2PLoss"]["default"]["queue"]
+
+
+def test_rank_skipping_a_default_loss_does_not_hang_the_others(spawned):
+    v0, v1 = _values(spawned("defaults"), "skip")
+    assert v0["ran"] == list(_DEFAULT_CASES) + ["MemoryP2PLoss(sync_group=None)"]
+    assert v1["waited"]
 
 
 def test_multi_student_ddp_with_idle_student(spawned):

@@ -36,17 +36,22 @@ def _backends(op):
     return testing.backends_under_test(op)
 
 
+def _params(op):
+    """(backend, device) cases: CPU ones, and the *-cuda ones (gpu-marked; skipped with the reason without a GPU)."""
+    return testing.backend_device_params(op)
+
+
 # ----------------------------------------------------------------------------- posterior_sample
 
-@pytest.mark.parametrize("backend", _backends("posterior_sample"))
+@pytest.mark.parametrize("backend,device", _params("posterior_sample"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["ancestral", "ddim"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_posterior_sample_matches_reference(backend, dtype, mode, shape):
+def test_posterior_sample_matches_reference(backend, device, dtype, mode, shape):
     gen = testing.generator()
-    z = testing.randn(*shape, dtype=dtype, gen=gen, requires_grad=True)
-    x = testing.randn(*shape, dtype=dtype, gen=gen, requires_grad=True)
-    coefs = _schedule(shape[0], gen)
+    z = testing.randn(*shape, dtype=dtype, gen=gen, device=device, requires_grad=True)
+    x = testing.randn(*shape, dtype=dtype, gen=gen, device=device, requires_grad=True)
+    coefs = testing.to_device(_schedule(shape[0], gen), device)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
 
     def fn(z, x):
@@ -58,13 +63,13 @@ def test_posterior_sample_matches_reference(backend, dtype, mode, shape):
     _check(fn, ref, [z, x], dtype=dtype, backend=backend)
 
 
-@pytest.mark.parametrize("backend", _backends("posterior_sample"))
-def test_float64_inputs_are_computed_in_float64(backend):
+@pytest.mark.parametrize("backend,device", _params("posterior_sample"))
+def test_float64_inputs_are_computed_in_float64(backend, device):
     gen = testing.generator()
-    z = testing.randn(3, 40, dtype=torch.float64, gen=gen)
-    x = testing.randn(3, 40, dtype=torch.float64, gen=gen, requires_grad=True)
-    xa, xt = testing.randn(3, 40, dtype=torch.float64, gen=gen), testing.randn(3, 40, dtype=torch.float64, gen=gen)
-    coefs = _schedule(3, gen)
+    z = testing.randn(3, 40, dtype=torch.float64, gen=gen, device=device)
+    x = testing.randn(3, 40, dtype=torch.float64, gen=gen, device=device, requires_grad=True)
+    xa, xt = (testing.randn(3, 40, dtype=torch.float64, gen=gen, device=device) for _ in range(2))
+    coefs = testing.to_device(_schedule(3, gen), device)
     with fastdistill.use_backend(backend):
         ddim = fastdistill.posterior_sample(z, x, *coefs, mode="ddim")
         anc = fastdistill.posterior_sample(z, x, *coefs, seed=9)
@@ -73,8 +78,8 @@ def test_float64_inputs_are_computed_in_float64(backend):
     testing.assert_close(ddim, mm.posterior_sample_reference(z, x, *coefs, mode="ddim"), rtol=1e-12)
     # the noise is fp32 (a few ulps of the transcendental functions apart between backends)
     testing.assert_close(anc, mm.posterior_sample_reference(z, x, *coefs, seed=9), rtol=1e-6)
-    want = mm.moment_matching_loss_reference(x, xa, xt, torch.ones(3)) + \
-        mm.auxiliary_denoiser_loss_reference(x, xa, xt, 1.0, torch.ones(3))
+    want = mm.moment_matching_loss_reference(x, xa, xt, torch.ones(3, device=device)) + \
+        mm.auxiliary_denoiser_loss_reference(x, xa, xt, 1.0, torch.ones(3, device=device))
     testing.assert_close(loss, want, rtol=1e-12)
     (got,) = torch.autograd.grad(loss * 0.3, x)
     (exp,) = torch.autograd.grad(want * 0.3, x)
@@ -120,11 +125,11 @@ def test_posterior_noise_is_standard_normal_and_ancestral_coefficients_match_pre
     testing.assert_close(std, var.sqrt(), rtol=1e-12)
 
 
-@pytest.mark.parametrize("backend", _backends("posterior_sample"))
-def test_posterior_edge_cases(backend):
+@pytest.mark.parametrize("backend,device", _params("posterior_sample"))
+def test_posterior_edge_cases(backend, device):
     gen = testing.generator()
-    z = testing.randn(2, 33, gen=gen)
-    x = testing.randn(2, 33, gen=gen)
+    z = testing.randn(2, 33, gen=gen, device=device)
+    x = testing.randn(2, 33, gen=gen, device=device)
     with fastdistill.use_backend(backend):
         # sigma_s = 0: the clean end of the trajectory, z_s = alpha_s x (no noise).
         clean = fastdistill.posterior_sample(z, x, 0.6, 0.8, 1.0, 0.0, seed=3)
@@ -137,19 +142,19 @@ def test_posterior_edge_cases(backend):
 
 # ----------------------------------------------------------------------------- losses
 
-@pytest.mark.parametrize("backend", _backends("moment_matching_loss"))
+@pytest.mark.parametrize("backend,device", _params("moment_matching_loss"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", ["plain", "weighted", "cfg"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_moment_matching_loss_matches_reference(backend, dtype, variant, shape):
+def test_moment_matching_loss_matches_reference(backend, device, dtype, variant, shape):
     gen = testing.generator()
     B = shape[0]
-    xs = testing.randn(*shape, dtype=dtype, gen=gen, requires_grad=True)
-    xa = testing.randn(*shape, dtype=dtype, gen=gen, requires_grad=True)  # must get no gradient
-    xt = testing.randn(*shape, dtype=dtype, gen=gen)
-    xu = testing.randn(*shape, dtype=dtype, gen=gen)
-    w = torch.rand(B, generator=gen) + 0.5
-    g = torch.rand(B, generator=gen) * 4 + 1
+    xs = testing.randn(*shape, dtype=dtype, gen=gen, device=device, requires_grad=True)
+    xa = testing.randn(*shape, dtype=dtype, gen=gen, device=device, requires_grad=True)  # must get no gradient
+    xt = testing.randn(*shape, dtype=dtype, gen=gen, device=device)
+    xu = testing.randn(*shape, dtype=dtype, gen=gen, device=device)
+    w = (torch.rand(B, generator=gen) + 0.5).to(device)
+    g = (torch.rand(B, generator=gen) * 4 + 1).to(device)
     kw = {}
     if variant != "plain":
         kw["weight"] = w
@@ -159,7 +164,7 @@ def test_moment_matching_loss_matches_reference(backend, dtype, variant, shape):
     # The surrogate is a mean of terms of both signs: compare its value relative to the terms' scale,
     # 3 mean(|w x_s (x_a - x_t)|), added as a constant (no gradient) to both sides.
     col = (B,) + (1,) * (len(shape) - 1)
-    w_used = kw.get("weight", torch.ones(B)).double().reshape(col)
+    w_used = kw.get("weight", torch.ones(B, device=device)).double().reshape(col)
     t_used = xu.double() + g.double().reshape(col) * (xt.double() - xu.double()) if variant == "cfg" else xt.double()
     offset = 3 * (w_used * xs.double() * (xa.double() - t_used)).abs().mean().item()
 
@@ -167,7 +172,7 @@ def test_moment_matching_loss_matches_reference(backend, dtype, variant, shape):
         return fastdistill.moment_matching_loss(xs, xa, xt, **kw) + offset
 
     def ref(xs, xa, xt, xu):
-        return mm.moment_matching_loss_reference(xs, xa, xt, kw.get("weight", torch.ones(B)),
+        return mm.moment_matching_loss_reference(xs, xa, xt, kw.get("weight", torch.ones(B, device=device)),
                                                  xu if variant == "cfg" else None,
                                                  g if variant == "cfg" else None) + offset
 
@@ -175,25 +180,25 @@ def test_moment_matching_loss_matches_reference(backend, dtype, variant, shape):
     assert res.grads[1] is None or res.grads[1].abs().max() == 0
 
 
-@pytest.mark.parametrize("backend", _backends("moment_matching_loss"))
-def test_moment_matching_loss_gradient_is_the_estimator(backend):
+@pytest.mark.parametrize("backend,device", _params("moment_matching_loss"))
+def test_moment_matching_loss_gradient_is_the_estimator(backend, device):
     gen = testing.generator()
-    xs = testing.randn(3, 4, 5, gen=gen, requires_grad=True)
-    xa, xt = testing.randn(3, 4, 5, gen=gen), testing.randn(3, 4, 5, gen=gen)
-    w = torch.tensor([0.5, 1.0, 2.0])
+    xs = testing.randn(3, 4, 5, gen=gen, device=device, requires_grad=True)
+    xa, xt = testing.randn(3, 4, 5, gen=gen, device=device), testing.randn(3, 4, 5, gen=gen, device=device)
+    w = torch.tensor([0.5, 1.0, 2.0], device=device)
     with fastdistill.use_backend(backend):
         loss = fastdistill.moment_matching_loss(xs, xa, xt, weight=w)
     (grad,) = torch.autograd.grad(loss, xs)
     testing.assert_close(grad, w[:, None, None] * (xa - xt) / xs.numel(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", _backends("moment_matching_loss"))
+@pytest.mark.parametrize("backend,device", _params("moment_matching_loss"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_loss_gradients_with_unit_upstream_are_rounded_once(backend, dtype):
+def test_loss_gradients_with_unit_upstream_are_rounded_once(backend, device, dtype):
     gen = testing.generator()
-    xs = testing.randn(3, 7, 33, dtype=dtype, gen=gen, requires_grad=True)
-    xa, xt, xu = (testing.randn(3, 7, 33, dtype=dtype, gen=gen) for _ in range(3))
-    g = torch.rand(3, generator=gen) * 4 + 1
+    xs = testing.randn(3, 7, 33, dtype=dtype, gen=gen, device=device, requires_grad=True)
+    xa, xt, xu = (testing.randn(3, 7, 33, dtype=dtype, gen=gen, device=device) for _ in range(3))
+    g = (torch.rand(3, generator=gen) * 4 + 1).to(device)
     with fastdistill.use_backend(backend):
         loss = fastdistill.moment_matching_loss(xs, xa, xt, x_teacher_uncond=xu, guidance_scale=g)
         aux = fastdistill.auxiliary_denoiser_loss(xs, xa, xt, teacher_weight=0.5)
@@ -205,17 +210,17 @@ def test_loss_gradients_with_unit_upstream_are_rounded_once(backend, dtype):
     testing.assert_close(grad_aux, want_aux, rtol=testing.tolerance(dtype))
 
 
-@pytest.mark.parametrize("backend", _backends("auxiliary_denoiser_loss"))
+@pytest.mark.parametrize("backend,device", _params("auxiliary_denoiser_loss"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("teacher_weight", [0.0, 1.0, 0.3])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_auxiliary_denoiser_loss_matches_reference(backend, dtype, teacher_weight, shape):
+def test_auxiliary_denoiser_loss_matches_reference(backend, device, dtype, teacher_weight, shape):
     gen = testing.generator()
     B = shape[0]
-    xa = testing.randn(*shape, dtype=dtype, gen=gen, requires_grad=True)
-    xs = testing.randn(*shape, dtype=dtype, gen=gen, requires_grad=True)
-    xt = testing.randn(*shape, dtype=dtype, gen=gen)
-    w = torch.rand(B, generator=gen) + 0.5
+    xa = testing.randn(*shape, dtype=dtype, gen=gen, device=device, requires_grad=True)
+    xs = testing.randn(*shape, dtype=dtype, gen=gen, device=device, requires_grad=True)
+    xt = testing.randn(*shape, dtype=dtype, gen=gen, device=device)
+    w = (torch.rand(B, generator=gen) + 0.5).to(device)
 
     def fn(xa, xs, xt):
         return fastdistill.auxiliary_denoiser_loss(xa, xs, xt, teacher_weight=teacher_weight, weight=w)
@@ -241,15 +246,15 @@ def test_auxiliary_loss_default_equals_two_plain_mses():
 DIMS = [(1, 2, 3), (0, 2, 3), None, (0, 2), (-1,)]
 
 
-@pytest.mark.parametrize("backend", _backends("moment_statistics"))
+@pytest.mark.parametrize("backend,device", _params("moment_statistics"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", DIMS)
 @pytest.mark.parametrize("weighted", [False, True])
-def test_moment_statistics_matches_reference(backend, dtype, dims, weighted):
+def test_moment_statistics_matches_reference(backend, device, dtype, dims, weighted):
     gen = testing.generator()
-    x = (testing.randn(3, 5, 7, 2, gen=gen) * 2 + 3).to(dtype).requires_grad_()
+    x = (testing.randn(3, 5, 7, 2, gen=gen) * 2 + 3).to(device=device, dtype=dtype).requires_grad_()
     # varies along every reduced dim of DIMS (a weight constant within a reduction has a zero gradient)
-    w = (torch.rand(3, 5, 1, 2, generator=gen) + 0.5).requires_grad_() if weighted else None
+    w = (torch.rand(3, 5, 1, 2, generator=gen) + 0.5).to(device).requires_grad_() if weighted else None
     corr = 0 if weighted else 1
 
     def fn(x, w):
@@ -262,11 +267,11 @@ def test_moment_statistics_matches_reference(backend, dtype, dims, weighted):
     _check(fn, ref, [x, w], dtype=dtype, backend=backend)
 
 
-@pytest.mark.parametrize("backend", _backends("moment_statistics"))
-def test_moment_statistics_is_stable_for_large_means(backend):
+@pytest.mark.parametrize("backend,device", _params("moment_statistics"))
+def test_moment_statistics_is_stable_for_large_means(backend, device):
     # E[x^2] - E[x]^2 loses every digit here in fp32 (x^2 ~ 1e8, var ~ 1e-2).
     gen = testing.generator()
-    x = 1e4 + 0.1 * testing.randn(4, 3000, gen=gen)
+    x = 1e4 + 0.1 * testing.randn(4, 3000, gen=gen, device=device)
     with fastdistill.use_backend(backend):
         mean, var = fastdistill.moment_statistics(x, dims=1, process_group=None)
     want = x.double().var(dim=1, correction=0)
@@ -274,9 +279,9 @@ def test_moment_statistics_is_stable_for_large_means(backend):
     testing.assert_close(mean, x.double().mean(1), rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", _backends("moment_statistics"))
-def test_moment_statistics_keepdim_and_shapes(backend):
-    x = torch.randn(2, 3, 4, 5)
+@pytest.mark.parametrize("backend,device", _params("moment_statistics"))
+def test_moment_statistics_keepdim_and_shapes(backend, device):
+    x = torch.randn(2, 3, 4, 5).to(device)
     with fastdistill.use_backend(backend):
         m, v = fastdistill.moment_statistics(x, dims=(0, 2, 3), keepdim=True, process_group=None)
         m2, v2 = fastdistill.moment_statistics(x, dims=(1, 3))  # default group: local when not distributed
@@ -321,7 +326,8 @@ def test_bad_inputs_are_clear_errors():
 
 def test_compiles_fullgraph_with_triton_ops():
     gen = testing.generator()
-    z, x, xa, xt = (testing.randn(2, 3, 8, gen=gen) for _ in range(4))
+    # triton on CPU under the interpreter, else on the GPU (never a silent fall back to the reference)
+    z, x, xa, xt = (testing.randn(2, 3, 8, gen=gen, device=testing.triton_device()) for _ in range(4))
     x.requires_grad_()
 
     def step(z, x, xa, xt):
@@ -330,7 +336,7 @@ def test_compiles_fullgraph_with_triton_ops():
         mean, var = fastdistill.moment_statistics(zs, dims=(0, 2), process_group=None)
         return loss + var.sum()
 
-    backend = "triton" if "triton" in _backends("moment_matching_loss") else "reference"
+    backend = "triton"
     with fastdistill.use_backend(backend):
         want = step(z, x, xa, xt)
         torch._dynamo.reset()

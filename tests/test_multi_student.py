@@ -3,8 +3,13 @@ each sample alone, for random-weight tiny diffusers UNets; scalar timesteps; dif
 
 from __future__ import annotations
 
+import copy
+import pickle
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastdistill
 from fastdistill import testing
@@ -15,8 +20,10 @@ from diffusers import DDIMPipeline, DDIMScheduler, UNet2DConditionModel, UNet2DM
 
 BOUNDARIES = [0, 250, 600, 1000]
 
-# The fused path vmaps attention; PyTorch has no batching rule for CPU flash attention and says so.
-pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+# The fused path vmaps attention. PyTorch has no batching rule for CPU flash attention and warns when vmap
+# falls back to a loop over the students; MultiStudent routes SDPA to its math backend off CUDA, so the
+# warning must never appear (an error here).
+pytestmark = pytest.mark.filterwarnings("error:There is a performance drop:UserWarning")
 
 
 def tiny_unet(seed: int, width: int = 4) -> UNet2DModel:
@@ -250,3 +257,156 @@ def test_cuda_fused_fixed_capacity_step_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     testing.assert_close(out, want, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# defaults, the stacked-weight cache, batched attention, the error contract
+
+
+def test_default_is_the_loop_and_auto_means_loop(students, monkeypatch):
+    calls = []
+    monkeypatch.setattr("fastdistill.nn.multi_student._stack_named", lambda *a: calls.append(1))
+    x = torch.randn(4, 3, 8, 8, generator=testing.generator())
+    t = torch.tensor([1, 300, 700, 2])
+    for kwargs in ({}, {"fused": "auto"}):
+        model = MultiStudent(students, BOUNDARIES, **kwargs)
+        assert model.fused in (False, "auto") and model.same_architecture
+        with torch.no_grad():
+            testing.assert_close(model(x, t).sample, per_sample_loop(students, x, t), rtol=1e-4)
+    assert not calls, "the default / 'auto' took the fused path"
+
+
+def _fresh_students():
+    return [tiny_unet(seed) for seed in (11, 12, 13)]
+
+
+def _count_stacks(monkeypatch) -> list:
+    import fastdistill.nn.multi_student as ms
+
+    calls: list = []
+    original = ms._stack_named
+
+    def counting(per, names):
+        calls.append(len(names))
+        return original(per, names)
+
+    monkeypatch.setattr(ms, "_stack_named", counting)
+    return calls
+
+
+def test_fused_cache_no_restack_without_updates_and_exact_gradients(monkeypatch):
+    studs = _fresh_students()
+    fused = MultiStudent(studs, BOUNDARIES, fused=True)
+    loop = MultiStudent(studs, BOUNDARIES, fused=False)
+    calls = _count_stacks(monkeypatch)
+    gen = testing.generator()
+    batches = [(torch.randn(5, 3, 8, 8, generator=gen), torch.tensor([3, 900, 400, 20, 610])) for _ in range(2)]
+    for x, t in batches:  # forward/backward passes through the same cached stack
+        fused(x, t).sample.square().sum().backward()
+    assert len(calls) == 2, f"expected one stack build (params + buffers), got {len(calls)} stack calls"
+    got = [p.grad.clone() for p in fused.parameters()]
+    fused.zero_grad(set_to_none=True)
+    for x, t in batches:
+        loop(x, t).sample.square().sum().backward()
+    # one max-norm comparison over all parameters (some gradients are exactly 0 in theory, e.g. biases
+    # followed by a group norm, and only round-off in practice)
+    testing.assert_close(torch.cat([g.reshape(-1) for g in got]),
+                         torch.cat([p.grad.reshape(-1) for p in loop.parameters()]), rtol=1e-4,
+                         name="accumulated gradients")
+    with torch.no_grad():  # a grad-mode build serves no-grad forwards too
+        fused(*batches[0])
+    assert len(calls) == 2
+
+
+def test_fused_cache_invalidated_by_in_place_updates(monkeypatch):
+    studs = _fresh_students()
+    fused = MultiStudent(studs, BOUNDARIES, fused=True)
+    loop = MultiStudent(studs, BOUNDARIES, fused=False)
+    calls = _count_stacks(monkeypatch)
+    x = torch.randn(4, 3, 8, 8, generator=testing.generator())
+    t = torch.tensor([5, 300, 800, 260])
+    before = fused(x, t).sample
+    before.square().mean().backward()
+    torch.optim.SGD(fused.parameters(), lr=0.5).step()  # in-place on every parameter: versions bump
+    after = fused(x, t).sample
+    assert len(calls) == 4, "the optimizer step did not invalidate the stacked weights"
+    assert (after - before).abs().max() > 1e-3
+    with torch.no_grad():
+        testing.assert_close(after, loop(x, t).sample, rtol=1e-4, name="fused output after the step")
+        studs[1].conv_in.weight.add_(0.25)  # a plain in-place update of one student's parameter
+        testing.assert_close(fused(x, t).sample, loop(x, t).sample, rtol=1e-4, name="after add_")
+        assert len(calls) == 6
+        fused.load_state_dict(MultiStudent(_fresh_students()[::-1], BOUNDARIES).state_dict())
+        testing.assert_close(fused(x, t).sample, loop(x, t).sample, rtol=1e-4, name="after load_state_dict")
+        assert len(calls) == 8
+        studs[2].conv_out.bias.data.mul_(3.0)  # bypasses the version counter: documented, clear by hand
+        fused.clear_stack_cache()
+        testing.assert_close(fused(x, t).sample, loop(x, t).sample, rtol=1e-4, name="after clear_stack_cache")
+    # a no-grad build never serves a grad forward: gradients still reach the students
+    fused.clear_stack_cache()
+    with torch.no_grad():
+        fused(x, t)
+    fused.zero_grad(set_to_none=True)
+    fused(x, t).sample.sum().backward()
+    assert all(s.conv_in.weight.grad is not None for s in studs)
+
+
+def test_fused_module_deepcopies_and_pickles_after_a_forward():
+    fused = MultiStudent(_fresh_students(), BOUNDARIES, fused=True)
+    x, t = torch.randn(3, 3, 8, 8, generator=testing.generator()), torch.tensor([1, 500, 900])
+    out = fused(x, t).sample  # the cache now holds stacked tensors with a grad_fn
+    for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        assert clone._stack_cache.params is None
+        with torch.no_grad():
+            testing.assert_close(clone(x, t).sample, out.detach(), rtol=1e-5)
+
+
+def test_fused_attention_is_batched_not_a_per_student_loop():
+    from torch.func import vmap
+
+    from fastdistill.nn.multi_student import _batched_attention
+
+    q = torch.randn(3, 2, 2, 5, 4, generator=testing.generator())
+
+    def attend(q):
+        return F.scaled_dot_product_attention(q, q, q)
+
+    def fallback_warnings(ctx) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with ctx:
+                out = vmap(attend)(q)
+        testing.assert_close(out, torch.stack([attend(q[k]) for k in range(3)]), rtol=1e-5)
+        return sum("performance drop" in str(w.message) for w in caught)
+
+    import contextlib
+    assert fallback_warnings(contextlib.nullcontext()) >= 1  # this torch still lacks the CPU batching rule
+    assert fallback_warnings(_batched_attention(torch.device("cpu"))) == 0
+    # and the whole fused forward of an attention UNet runs without the fallback
+    fused = MultiStudent(_fresh_students(), BOUNDARIES, fused=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            fused(torch.randn(3, 3, 8, 8), torch.tensor([1, 500, 900]))
+    assert not [w for w in caught if "performance drop" in str(w.message)]
+
+
+def test_error_contract_types_and_values(students):
+    for kwargs in ({"fused": 1}, {"fused": None}, {"num_train_timesteps": 1000.0}, {"num_train_timesteps": "1000"},
+                   {"capacity": 2.5}, {"capacity": True}, {"capacity_multiple": "8"}, {"touch_skipped": "yes"}):
+        with pytest.raises(TypeError):
+            MultiStudent(students, BOUNDARIES, **kwargs)
+    with pytest.raises(TypeError, match="students\\[1\\] must be an nn.Module"):
+        MultiStudent([students[0], "unet", students[2]], BOUNDARIES)
+    for kwargs in ({"fused": "yes"}, {"num_train_timesteps": 0}, {"capacity": 0}, {"capacity_multiple": 0}):
+        with pytest.raises(ValueError):
+            MultiStudent(students, [0, 1, 2, 3] if "num_train_timesteps" in kwargs else BOUNDARIES, **kwargs)
+    with pytest.raises(ValueError, match="at least one module"):
+        MultiStudent([], [0, 1000])
+    model = MultiStudent(students, BOUNDARIES)
+    with pytest.raises(TypeError, match="sample must be a torch.Tensor"):
+        model([[1.0]], 5)
+    with pytest.raises(ValueError, match="0-d"):
+        model(torch.tensor(1.0), 5)
+    with pytest.raises(TypeError, match="timestep must be a number or a tensor"):
+        model(torch.randn(1, 3, 8, 8), "5")

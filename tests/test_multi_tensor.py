@@ -19,13 +19,13 @@ _check = testing.check_against_reference
 
 
 
-def _list(shapes, dtype, gen, *, positive=False, requires_grad=False):
+def _list(shapes, dtype, gen, *, positive=False, requires_grad=False, device="cpu"):
     out = []
     for s in shapes:
         t = torch.randn(*s, generator=gen, dtype=torch.float32)
         if positive:
             t = t.abs() + 0.05
-        out.append(t.to(dtype).requires_grad_(requires_grad))
+        out.append(t.to(device=device, dtype=dtype).requires_grad_(requires_grad))
     return out
 
 
@@ -42,24 +42,24 @@ def _ieee_perturb(params, grads, precond, step, eps):
     the parameter dtype: what the kernels must produce bit for bit."""
     out = []
     for i, (p, g) in enumerate(zip(params, grads)):
-        u = g.float().numpy()
+        u = g.float().cpu().numpy()
         if precond is not None:
-            u = u / (np.sqrt(precond[i].float().numpy()) + np.float32(eps))
-        r = p.float().numpy() - u * np.float32(step)
-        out.append(torch.from_numpy(np.ascontiguousarray(r, dtype=np.float32)).reshape(p.shape).to(p.dtype))
+            u = u / (np.sqrt(precond[i].float().cpu().numpy()) + np.float32(eps))
+        r = p.float().cpu().numpy() - u * np.float32(step)
+        out.append(torch.from_numpy(np.ascontiguousarray(r, dtype=np.float32)).reshape(p.shape).to(p.device, p.dtype))
     return out
 
 
-@pytest.mark.parametrize("backend", testing.backends_under_test("moment_dot"))
+@pytest.mark.parametrize("backend,device", testing.backend_device_params("moment_dot"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_precond", [False, True])
-def test_moment_dot_matches_float64_reference_value_and_grad(backend, dtype, with_precond):
+def test_moment_dot_matches_float64_reference_value_and_grad(backend, device, dtype, with_precond):
     gen = testing.generator()
-    a = _list(SHAPES, dtype, gen, requires_grad=True)
+    a = _list(SHAPES, dtype, gen, requires_grad=True, device=device)
     # b correlated with a (terms of one sign): a relative tolerance on the sum is then meaningful.
-    b = [(t.detach().float() * (torch.rand(t.shape, generator=gen) + 0.5)).to(dtype).requires_grad_()
+    b = [(t.detach().float() * (torch.rand(t.shape, generator=gen).to(device) + 0.5)).to(dtype).requires_grad_()
          for t in a]
-    v = _list(SHAPES, torch.float32, gen, positive=True, requires_grad=True) if with_precond else None
+    v = _list(SHAPES, torch.float32, gen, positive=True, requires_grad=True, device=device) if with_precond else None
 
     def fn(a, b, v):
         return fastdistill.moment_dot(a, b, v, eps=1e-3)
@@ -72,15 +72,15 @@ def test_moment_dot_matches_float64_reference_value_and_grad(backend, dtype, wit
                                      grad_rtol=testing.tolerance(dtype))
 
 
-@pytest.mark.parametrize("backend", testing.backends_under_test("moment_dot"))
-def test_moment_dot_mixed_dtypes_and_many_tensors(backend):
+@pytest.mark.parametrize("backend,device", testing.backend_device_params("moment_dot"))
+def test_moment_dot_mixed_dtypes_and_many_tensors(backend, device):
     gen = testing.generator()
     n = 1200
     sizes = torch.randint(0, 40, (n,), generator=gen).tolist()
     dts = [DTYPES[i % 3] for i in range(n)]
-    a = [torch.randn(s, generator=gen).to(d) for s, d in zip(sizes, dts)]
-    b = [(t.float() * torch.rand(t.shape, generator=gen)).to(DTYPES[(i + 1) % 3]) for i, t in enumerate(a)]
-    v = [torch.rand(s, generator=gen) + 0.1 for s in sizes]  # fp32 state
+    a = [torch.randn(s, generator=gen).to(device=device, dtype=d) for s, d in zip(sizes, dts)]
+    b = [(t.float() * torch.rand(t.shape, generator=gen).to(device)).to(DTYPES[(i + 1) % 3]) for i, t in enumerate(a)]
+    v = [(torch.rand(s, generator=gen) + 0.1).to(device) for s in sizes]  # fp32 state
     with fastdistill.use_backend(backend):
         got = fastdistill.moment_dot(a, b, v)
     want = mt.moment_dot_reference([t.double() for t in a], [t.double() for t in b], [t.double() for t in v])
@@ -88,13 +88,13 @@ def test_moment_dot_mixed_dtypes_and_many_tensors(backend):
     testing.assert_close(got, want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", testing.backends_under_test("moment_dot", include=["cpp", "cuda"]))
-def test_moment_dot_is_deterministic_across_thread_counts(backend):
+@pytest.mark.parametrize("backend,device", testing.backend_device_params("moment_dot", include=["cpp", "cuda"]))
+def test_moment_dot_is_deterministic_across_thread_counts(backend, device):
     # A property of the compiled kernels (fixed chunking, chunk-order sums); torch.sum in the reference
     # splits work by thread count.
     gen = testing.generator()
-    a = _list([(65536 * 3 + 5,), (1000,)], torch.float32, gen)
-    b = _list([(65536 * 3 + 5,), (1000,)], torch.float32, gen)
+    a = _list([(65536 * 3 + 5,), (1000,)], torch.float32, gen, device=device)
+    b = _list([(65536 * 3 + 5,), (1000,)], torch.float32, gen, device=device)
     threads = torch.get_num_threads()
     try:
         with fastdistill.use_backend(backend):
@@ -116,14 +116,14 @@ def test_moment_dot_empty_list_and_fp64():
         testing.assert_close(out, (a[0] * a[0]).sum(), rtol=1e-12)
 
 
-@pytest.mark.parametrize("backend", testing.backends_under_test("preconditioned_perturb_"))
+@pytest.mark.parametrize("backend,device", testing.backend_device_params("preconditioned_perturb_"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_precond", [False, True])
-def test_perturb_matches_reference_bit_for_bit(backend, dtype, with_precond):
+def test_perturb_matches_reference_bit_for_bit(backend, device, dtype, with_precond):
     gen = testing.generator()
-    p = _list(SHAPES, dtype, gen)
-    g = _list(SHAPES, dtype, gen)
-    v = _list(SHAPES, torch.float32, gen, positive=True) if with_precond else None
+    p = _list(SHAPES, dtype, gen, device=device)
+    g = _list(SHAPES, dtype, gen, device=device)
+    v = _list(SHAPES, torch.float32, gen, positive=True, device=device) if with_precond else None
     got = [t.clone() for t in p]
     with fastdistill.use_backend(backend):
         fastdistill.preconditioned_perturb_(got, g, v, step=0.37, eps=1e-4)
@@ -139,14 +139,14 @@ def test_perturb_matches_reference_bit_for_bit(backend, dtype, with_precond):
         testing.assert_close(x, p0.double() - 0.37 * u, rtol=testing.tolerance(dtype), floor=1.0)
 
 
-@pytest.mark.parametrize("backend", testing.backends_under_test("preconditioned_perturb_"))
+@pytest.mark.parametrize("backend,device", testing.backend_device_params("preconditioned_perturb_"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_perturb_then_minus_step_restores_within_one_ulp(backend, dtype):
+def test_perturb_then_minus_step_restores_within_one_ulp(backend, device, dtype):
     gen = testing.generator()
     shapes = [(4096,), (33, 65), (1,)]
-    p = _list(shapes, dtype, gen)
-    g = _list(shapes, dtype, gen)
-    v = _list(shapes, torch.float32, gen, positive=True)
+    p = _list(shapes, dtype, gen, device=device)
+    g = _list(shapes, dtype, gen, device=device)
+    v = _list(shapes, torch.float32, gen, positive=True, device=device)
     orig = [t.clone() for t in p]
     with fastdistill.use_backend(backend):
         fastdistill.preconditioned_perturb_(p, g, v, step=1e-3, eps=1e-8)
@@ -164,14 +164,15 @@ def test_perturb_then_minus_step_restores_within_one_ulp(backend, dtype):
         assert exact / total > 0.95  # the documented behaviour: nearly every element is bit-exact
 
 
-@pytest.mark.parametrize("backend", testing.backends_under_test("preconditioned_perturb_"))
-def test_perturb_mixed_dtypes_many_tensors_and_leaf_params(backend):
+@pytest.mark.parametrize("backend,device", testing.backend_device_params("preconditioned_perturb_"))
+def test_perturb_mixed_dtypes_many_tensors_and_leaf_params(backend, device):
     gen = testing.generator()
     n = 1100
     sizes = torch.randint(0, 30, (n,), generator=gen).tolist()
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DTYPES[i % 3])) for i, s in enumerate(sizes)]
-    grads = [torch.randn(s, generator=gen).to(DTYPES[(i + 2) % 3]) for i, s in enumerate(sizes)]
-    state = [torch.rand(s, generator=gen) for s in sizes]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=DTYPES[i % 3]))
+              for i, s in enumerate(sizes)]
+    grads = [torch.randn(s, generator=gen).to(device=device, dtype=DTYPES[(i + 2) % 3]) for i, s in enumerate(sizes)]
+    state = [torch.rand(s, generator=gen).to(device) for s in sizes]
     want = _ieee_perturb([p.detach() for p in params], grads, state, 0.5, 1e-3)
     with fastdistill.use_backend(backend):
         fastdistill.preconditioned_perturb_(params, grads, state, step=0.5, eps=1e-3)
@@ -199,11 +200,11 @@ def test_read_only_lists_with_other_strides_are_handled():
         testing.assert_close(dot, (g[0].double() * q[0].double()).sum(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", testing.backends_under_test("clip_parameters_"))
+@pytest.mark.parametrize("backend,device", testing.backend_device_params("clip_parameters_"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_clip_parameters_matches_clamp(backend, dtype):
+def test_clip_parameters_matches_clamp(backend, device, dtype):
     gen = testing.generator()
-    p = _list(SHAPES, dtype, gen)
+    p = _list(SHAPES, dtype, gen, device=device)
     p[2].view(-1)[0] = float("nan")
     want = [t.clone().clamp_(-0.01, 0.01) for t in p]
     with fastdistill.use_backend(backend):

@@ -14,6 +14,10 @@ from fastdistill.ops import routing as R
 ROUTE_BACKENDS = testing.backends_under_test(R.OP_ROUTE)
 PERMUTE_BACKENDS = testing.backends_under_test(R.OP_PERMUTE)
 MSE_BACKENDS = testing.backends_under_test(R.OP_MSE)
+# (backend, device) cases: CPU ones, and the *-cuda ones (gpu-marked; skipped with the reason without a GPU).
+ROUTE_CASES = testing.backend_device_params(R.OP_ROUTE)
+PERMUTE_CASES = testing.backend_device_params(R.OP_PERMUTE)
+MSE_CASES = testing.backend_device_params(R.OP_MSE)
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -47,10 +51,10 @@ def random_boundaries(gen: torch.Generator, K: int, T: int) -> list[int]:
     return [0] + sorted(inner.tolist()) + [T]
 
 
-@pytest.mark.parametrize("backend", ROUTE_BACKENDS)
+@pytest.mark.parametrize("backend,device", ROUTE_CASES)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float32, torch.float64])
 @pytest.mark.parametrize("B,K", [(1, 1), (1, 4), (7, 3), (130, 5), (67, 17)])
-def test_segment_route_matches_brute_force(backend, dtype, B, K):
+def test_segment_route_matches_brute_force(backend, device, dtype, B, K):
     gen = testing.generator()
     T = 1000
     bnd = random_boundaries(gen, K, T)
@@ -62,6 +66,7 @@ def test_segment_route_matches_brute_force(backend, dtype, B, K):
         t = t.to(dtype) + torch.rand(B, generator=gen, dtype=dtype) * 0.99 * (t < T - 1)
     else:
         t = t.to(dtype)
+    t = t.to(device)
     seg, perm, inv, offsets = brute_force_route(t.tolist(), bnd)
     with fastdistill.use_backend(backend):
         r = fastdistill.segment_route(t, bnd, num_train_timesteps=T)
@@ -75,23 +80,23 @@ def test_segment_route_matches_brute_force(backend, dtype, B, K):
     assert r.counts().tolist() == [offsets[k + 1] - offsets[k] for k in range(K)]
 
 
-@pytest.mark.parametrize("backend", ROUTE_BACKENDS)
-def test_segment_route_one_segment_and_empty_segments(backend):
+@pytest.mark.parametrize("backend,device", ROUTE_CASES)
+def test_segment_route_one_segment_and_empty_segments(backend, device):
     bnd = [0, 100, 500, 900, 1000]
     with fastdistill.use_backend(backend):
-        r = fastdistill.segment_route(torch.tensor([120, 499, 100, 300]), bnd)
+        r = fastdistill.segment_route(torch.tensor([120, 499, 100, 300], device=device), bnd)
         assert r.host_offsets() == [0, 0, 4, 4, 4]
         assert r.permutation.tolist() == [0, 1, 2, 3]  # stable: already in order
-        r = fastdistill.segment_route(torch.tensor([950, 5, 999, 0]), bnd)
+        r = fastdistill.segment_route(torch.tensor([950, 5, 999, 0], device=device), bnd)
         assert r.host_offsets() == [0, 2, 2, 2, 4]
         assert r.permutation.tolist() == [1, 3, 0, 2]
-        r = fastdistill.segment_route(torch.zeros(0, dtype=torch.int64), bnd)
+        r = fastdistill.segment_route(torch.zeros(0, dtype=torch.int64, device=device), bnd)
         assert r.host_offsets() == [0, 0, 0, 0, 0]
 
 
-@pytest.mark.parametrize("backend", ROUTE_BACKENDS)
-def test_segment_route_bad_inputs(backend):
-    t = torch.tensor([1, 2, 3])
+@pytest.mark.parametrize("backend,device", ROUTE_CASES)
+def test_segment_route_bad_inputs(backend, device):
+    t = torch.tensor([1, 2, 3], device=device)
     with fastdistill.use_backend(backend):
         with pytest.raises(ValueError, match="boundaries must be strictly increasing"):
             fastdistill.segment_route(t, [0, 500, 300, 1000])
@@ -111,32 +116,32 @@ def test_segment_route_bad_inputs(backend):
             fastdistill.segment_route(t, list(range(300)))
         for bad in ([0, 1000], [-1, 5], [5, 1000]):
             with pytest.raises(ValueError, match="timesteps lie outside"):
-                fastdistill.segment_route(torch.tensor(bad), [0, 500, 1000])
+                fastdistill.segment_route(torch.tensor(bad, device=device), [0, 500, 1000])
         with pytest.raises(ValueError, match="timesteps lie outside"):
-            fastdistill.segment_route(torch.tensor([1.0, float("nan")]), [0, 500, 1000])
+            fastdistill.segment_route(torch.tensor([1.0, float("nan")], device=device), [0, 500, 1000])
         with pytest.raises(ValueError, match="timesteps must have shape \\(B,\\)"):
-            fastdistill.segment_route(torch.tensor(5), [0, 500, 1000])
+            fastdistill.segment_route(torch.tensor(5, device=device), [0, 500, 1000])
         with pytest.raises(TypeError, match="timesteps must have dtype"):
-            fastdistill.segment_route(torch.tensor([True]), [0, 500, 1000])
+            fastdistill.segment_route(torch.tensor([True], device=device), [0, 500, 1000])
         with pytest.raises(TypeError, match="timesteps must be a torch.Tensor"):
             fastdistill.segment_route([1, 2], [0, 500, 1000])
 
 
-def _route(B: int, K: int, gen: torch.Generator) -> R.Routing:
-    t = torch.randint(0, 1000, (B,), generator=gen)
+def _route(B: int, K: int, gen: torch.Generator, device: str = "cpu") -> R.Routing:
+    t = torch.randint(0, 1000, (B,), generator=gen).to(device)
     return fastdistill.segment_route(t, random_boundaries(gen, K, 1000))
 
 
-@pytest.mark.parametrize("backend", PERMUTE_BACKENDS)
+@pytest.mark.parametrize("backend,device", PERMUTE_CASES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("B", [1, 7, 33])
-def test_segment_gather_and_scatter_values_and_grads(backend, dtype, B):
+def test_segment_gather_and_scatter_values_and_grads(backend, device, dtype, B):
     gen = testing.generator()
-    r = _route(B, 3, gen)
-    x = testing.randn(B, 3, 5, dtype=dtype, gen=gen, requires_grad=True)      # odd row bytes
-    y = testing.randn(B, 7, dtype=dtype, gen=gen, requires_grad=True)
-    z = testing.randn(B, dtype=dtype, gen=gen, requires_grad=True)             # 1-D rows
-    labels = torch.randint(0, 10, (B,), generator=gen)                         # an integer tensor rides along
+    r = _route(B, 3, gen, device)
+    x = testing.randn(B, 3, 5, dtype=dtype, gen=gen, device=device, requires_grad=True)      # odd row bytes
+    y = testing.randn(B, 7, dtype=dtype, gen=gen, device=device, requires_grad=True)
+    z = testing.randn(B, dtype=dtype, gen=gen, device=device, requires_grad=True)             # 1-D rows
+    labels = torch.randint(0, 10, (B,), generator=gen).to(device)              # an integer tensor rides along
     perm, inv = r.permutation, r.inverse
 
     def gathered(x, y, z):
@@ -162,12 +167,12 @@ def test_segment_gather_and_scatter_values_and_grads(backend, dtype, B):
     assert torch.equal(back, x)
 
 
-@pytest.mark.parametrize("backend", PERMUTE_BACKENDS)
-def test_segment_gather_non_contiguous_and_many_tensors(backend):
+@pytest.mark.parametrize("backend,device", PERMUTE_CASES)
+def test_segment_gather_non_contiguous_and_many_tensors(backend, device):
     gen = testing.generator()
-    r = _route(17, 4, gen)
-    base = torch.randn(5, 17, 3, generator=gen)
-    xs = [base.transpose(0, 1)] + [torch.randn(17, i + 1, generator=gen) for i in range(30)]  # > one launch
+    r = _route(17, 4, gen, device)
+    base = torch.randn(5, 17, 3, generator=gen).to(device)
+    xs = [base.transpose(0, 1)] + [torch.randn(17, i + 1, generator=gen).to(device) for i in range(30)]  # > one launch
     with fastdistill.use_backend(backend):
         out = fastdistill.segment_gather(r, *xs)
     assert len(out) == len(xs)
@@ -197,19 +202,19 @@ def mse_reference(pred, target, seg, K, weight, reduction):
     return sums.sum() / B
 
 
-@pytest.mark.parametrize("backend", MSE_BACKENDS)
+@pytest.mark.parametrize("backend,device", MSE_CASES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("reduction", ["per_segment", "mean"])
 @pytest.mark.parametrize("B,shape", [(1, (3,)), (17, (3, 5, 7)), (33, (4, 3))])
-def test_segment_mse_values_and_grads(backend, dtype, reduction, B, shape):
+def test_segment_mse_values_and_grads(backend, device, dtype, reduction, B, shape):
     gen = testing.generator()
     K = 4
     # Leave segment 3 empty on purpose: its loss is 0 and no sample gets its gradient.
-    t = torch.randint(0, 750, (B,), generator=gen)
+    t = torch.randint(0, 750, (B,), generator=gen).to(device)
     r = fastdistill.segment_route(t, [0, 250, 500, 750, 1000])
-    pred = testing.randn(B, *shape, dtype=dtype, gen=gen, requires_grad=True)
-    target = testing.randn(B, *shape, dtype=dtype, gen=gen, requires_grad=True)
-    weight = torch.rand(B, generator=gen) + 0.5
+    pred = testing.randn(B, *shape, dtype=dtype, gen=gen, device=device, requires_grad=True)
+    target = testing.randn(B, *shape, dtype=dtype, gen=gen, device=device, requires_grad=True)
+    weight = (torch.rand(B, generator=gen) + 0.5).to(device)
 
     def fn(p, q):
         return fastdistill.segment_mse(p, q, r, reduction=reduction, weight=weight, process_group=None)
@@ -224,15 +229,15 @@ def test_segment_mse_values_and_grads(backend, dtype, reduction, B, shape):
         assert res.outputs[0][3].item() == 0.0
 
 
-@pytest.mark.parametrize("backend", MSE_BACKENDS)
-def test_segment_mse_float64_and_scalar_weight(backend):
+@pytest.mark.parametrize("backend,device", MSE_CASES)
+def test_segment_mse_float64_and_scalar_weight(backend, device):
     gen = testing.generator()
-    r = _route(9, 3, gen)
-    p = testing.randn(9, 2, 3, dtype=torch.float64, gen=gen, requires_grad=True)
-    q = testing.randn(9, 2, 3, dtype=torch.float64, gen=gen)
+    r = _route(9, 3, gen, device)
+    p = testing.randn(9, 2, 3, dtype=torch.float64, gen=gen, device=device, requires_grad=True)
+    q = testing.randn(9, 2, 3, dtype=torch.float64, gen=gen, device=device)
     res = check(
         lambda p: fastdistill.segment_mse(p, q, r, weight=2.0),
-        lambda p: mse_reference(p, q, r.segment_ids, 3, torch.full((9,), 2.0), "per_segment"),
+        lambda p: mse_reference(p, q, r.segment_ids, 3, torch.full((9,), 2.0, device=device), "per_segment"),
         [p], dtype=torch.float64, backend=backend)
     assert res.outputs[0].dtype == torch.float64
 

@@ -13,6 +13,8 @@ from .processor import (
     attention_modules,
     disable_fused_attention,
     enable_fused_attention,
+    fused_processor_for,
+    register_with_diffusers,
     unwrap_model,
 )
 
@@ -22,5 +24,7 @@ __all__ = [
     "attention_modules",
     "disable_fused_attention",
     "enable_fused_attention",
+    "fused_processor_for",
+    "register_with_diffusers",
     "unwrap_model",
 ]

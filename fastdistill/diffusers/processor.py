@@ -5,17 +5,24 @@ Everything around the attention product is the stock behaviour, step for step (d
 ``AttnProcessor2_0.__call__``): spatial_norm, 4-D inputs, attention-mask preparation, group_norm,
 norm_cross, norm_q/norm_k, output projection and dropout, residual_connection and
 rescale_output_factor. q/k/v go to the kernel as the strided ``(B, H, L, D)`` views diffusers
-makes (no copies).
+makes (no copies). The attention itself matches ``F.scaled_dot_product_attention`` as
+``AttnProcessor2_0`` calls it: scale ``1/sqrt(head_dim)``, fully masked rows give 0, the mask gets
+its gradient, and calls the fused kernel cannot take run SDPA itself (one
+:class:`fastdistill.dispatch.FallbackWarning` per reason).
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..ops.attention import fused_attention
+from ..dispatch import FallbackWarning
+from ..ops.attention import fused_attention, triton_fallback_reason
 
 #: ``recorder(attn, query, key)``: called by the processor with the layer's ``Attention`` module and
 #: its query and key, ``(B, heads, L, head_dim)`` (after norm_q/norm_k, before the product).
@@ -24,22 +31,57 @@ Recorder = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
 _PREV = "_fastdistill_prev_processor"
 
 
+_SDPA_WARNED: set[str] = set()
+
+
+def _warn_sdpa_once(reason: str) -> None:
+    if reason in _SDPA_WARNED:
+        return
+    _SDPA_WARNED.add(reason)
+    warnings.warn(f"FusedAttnProcessor: running torch.nn.functional.scaled_dot_product_attention (what "
+                  f"AttnProcessor2_0 runs) instead of fastdistill's fused kernel for such calls: {reason}",
+                  FallbackWarning, stacklevel=4)
+
+
 class FusedAttnProcessor:
-    """Attention processor for ``diffusers.models.attention_processor.Attention`` modules.
+    """Attention processor for ``diffusers.models.attention_processor.Attention`` modules: diffusers'
+    ``AttnProcessor2_0``, call for call, with the attention product computed by
+    :func:`fastdistill.fused_attention`.
 
     Args:
         recorder: optional ``recorder(attn, query, key)`` hook (see :data:`Recorder`), used by
             :class:`fastdistill.nn.AttentionDistillLoss` to capture q and k during a normal forward.
+        use_attn_scale: ``False`` (default): the scale is ``head_dim**-0.5``, what
+            ``AttnProcessor2_0`` uses (it calls SDPA without ``scale``), whatever ``attn.scale`` and
+            ``scale_qk`` say. ``True``: use ``attn.scale`` (1.0 under ``scale_qk=False``, or a value
+            you set), as the legacy ``AttnProcessor`` does; :func:`enable_fused_attention` picks
+            this for modules that ran ``AttnProcessor``.
 
-    Differences from ``AttnProcessor2_0``: the scale is ``attn.scale`` (equal to SDPA's default
-    ``head_dim**-0.5`` whenever ``scale_qk=True``, the only case where diffusers picks
-    ``AttnProcessor2_0``; with ``scale_qk=False`` it is 1.0 as in the legacy ``AttnProcessor``), and
-    the softmax is always computed in fp32 (so ``upcast_softmax`` holds too). A boolean attention
-    mask (True = keep, SDPA's convention) is turned into an additive one.
+    Semantics as in ``AttnProcessor2_0`` / SDPA: a boolean attention mask keeps ``True`` entries; a
+    query row whose keys are all masked (all ``False``, or all ``-inf``) gives 0; a float mask that
+    requires grad receives its gradient. Calls the fused Triton kernel cannot take (head dim above
+    256, a mask that requires grad, float64) run ``F.scaled_dot_product_attention`` exactly as
+    ``AttnProcessor2_0`` would, with a one-time :class:`~fastdistill.dispatch.FallbackWarning`
+    naming the reason; under ``fastdistill.use_backend("reference")`` they run the reference.
+    The fused path computes the softmax in fp32 for every input dtype.
+
+    ``unet.set_default_attn_processor()`` works on models using this processor (it is registered
+    with diffusers' ``CROSS_ATTENTION_PROCESSORS`` on first use) and, as on a stock model, installs
+    the legacy ``AttnProcessor``; :func:`disable_fused_attention` restores the processors
+    :func:`enable_fused_attention` replaced.
     """
 
-    def __init__(self, recorder: Optional[Recorder] = None) -> None:
+    def __init__(self, recorder: Optional[Recorder] = None, *, use_attn_scale: bool = False) -> None:
+        if recorder is not None and not callable(recorder):
+            raise TypeError(f"FusedAttnProcessor: recorder must be callable or None, got {type(recorder).__name__}")
+        if not isinstance(use_attn_scale, bool):
+            raise TypeError(f"FusedAttnProcessor: use_attn_scale must be a bool, got {type(use_attn_scale).__name__}")
         self.recorder = recorder
+        self.use_attn_scale = use_attn_scale
+        register_with_diffusers()
+
+    def __repr__(self) -> str:
+        return f"FusedAttnProcessor(recorder={self.recorder!r}, use_attn_scale={self.use_attn_scale})"
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor,
                  encoder_hidden_states: Optional[torch.Tensor] = None,
@@ -62,10 +104,6 @@ class FusedAttnProcessor:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             # (B*heads, 1|Lq, Lk) -> (B, heads, 1|Lq, Lk), as AttnProcessor2_0 hands it to SDPA.
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-            if attention_mask.dtype == torch.bool:
-                attention_mask = torch.zeros(attention_mask.shape, dtype=torch.float32,
-                                             device=attention_mask.device).masked_fill(~attention_mask,
-                                                                                       float("-inf"))
 
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
@@ -95,8 +133,19 @@ class FusedAttnProcessor:
         if self.recorder is not None:
             self.recorder(attn, query, key)
 
-        hidden_states = fused_attention(query, key, value, scale=float(attn.scale),
-                                        attn_mask=attention_mask.detach() if attention_mask is not None else None)
+        scale = float(attn.scale) if self.use_attn_scale else None  # None: 1/sqrt(head_dim), as SDPA
+        reason = triton_fallback_reason(query, attention_mask)
+        if reason is not None:
+            _warn_sdpa_once(reason)
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=0.0, is_causal=False, scale=scale)
+        else:
+            if attention_mask is not None and attention_mask.dtype == torch.bool:
+                # SDPA's convention (True keeps) as an additive mask; an all-False row gives 0.
+                attention_mask = torch.zeros(attention_mask.shape, dtype=torch.float32,
+                                             device=attention_mask.device).masked_fill(~attention_mask,
+                                                                                       float("-inf"))
+            hidden_states = fused_attention(query, key, value, scale=scale, attn_mask=attention_mask)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -141,6 +190,50 @@ def _replaceable(processor: object) -> bool:
     return type(processor) in (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor)
 
 
+def fused_processor_for(stock: object, recorder: Optional[Recorder] = None) -> FusedAttnProcessor:
+    """The :class:`FusedAttnProcessor` that computes what ``stock`` computes: ``use_attn_scale=True``
+    for the legacy ``AttnProcessor`` (it multiplies by ``attn.scale``), the default (SDPA's
+    ``1/sqrt(head_dim)``) for ``AttnProcessor2_0``; a FusedAttnProcessor keeps its scale rule."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    if isinstance(stock, FusedAttnProcessor):
+        use = stock.use_attn_scale
+    else:
+        use = type(stock) is AttnProcessor
+    return FusedAttnProcessor(recorder=recorder, use_attn_scale=use)
+
+
+_REGISTERED = False
+
+
+def register_with_diffusers() -> bool:
+    """Add :class:`FusedAttnProcessor` to diffusers' ``CROSS_ATTENTION_PROCESSORS``, so that
+    ``set_default_attn_processor()`` of UNets, VAEs, ControlNets, ... accepts models using it (they
+    test ``proc.__class__ in CROSS_ATTENTION_PROCESSORS``; a subclass of ``AttnProcessor2_0`` would
+    not pass that test). The tuple is replaced in ``diffusers.models.attention_processor`` (modules
+    imported later pick up the new one) and in every loaded diffusers module that imported it.
+    Idempotent; called by ``FusedAttnProcessor()``. Returns False when diffusers is not installed.
+    """
+    global _REGISTERED
+    if _REGISTERED:
+        return True
+    try:
+        from diffusers.models import attention_processor as ap
+    except ImportError:
+        return False
+    old = ap.CROSS_ATTENTION_PROCESSORS
+    if FusedAttnProcessor not in old:
+        new = tuple(old) + (FusedAttnProcessor,)
+        for mod in list(sys.modules.values()):
+            # __dict__, not getattr: diffusers' lazy modules import submodules on attribute access.
+            namespace = getattr(mod, "__dict__", None)
+            if (isinstance(namespace, dict) and str(namespace.get("__name__", "")).startswith("diffusers")
+                    and namespace.get("CROSS_ATTENTION_PROCESSORS") is old):
+                namespace["CROSS_ATTENTION_PROCESSORS"] = new
+    _REGISTERED = True
+    return True
+
+
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every ``diffusers`` ``Attention`` module of ``model`` (unwrapped), by module path."""
     from diffusers.models.attention_processor import Attention
@@ -183,15 +276,33 @@ def enable_fused_attention(model: nn.Module, processor: Optional[FusedAttnProces
     processors are remembered for :func:`disable_fused_attention`. Modules with non-stock
     processors (IP-Adapter, LoRA, custom) are left unchanged. Returns the number of modules that
     now use the fused processor.
+
+    Without ``processor``, each module gets the fused processor computing what it computed before
+    (:func:`fused_processor_for`: ``AttnProcessor2_0`` -> scale ``1/sqrt(head_dim)``, legacy
+    ``AttnProcessor`` -> ``attn.scale``); a given ``processor`` is installed on every module as is.
+
+    Afterwards diffusers' ``model.set_default_attn_processor()`` works as on a stock model (it
+    installs the legacy ``AttnProcessor`` everywhere); to get back exactly the processors the model
+    had, call :func:`disable_fused_attention` instead.
     """
-    processor = processor if processor is not None else FusedAttnProcessor()
+    if processor is not None and not isinstance(processor, FusedAttnProcessor):
+        raise TypeError(f"enable_fused_attention: processor must be a FusedAttnProcessor or None, got "
+                        f"{type(processor).__name__}")
+    register_with_diffusers()
     todo: dict[str, Any] = {}
+    shared: dict[bool, FusedAttnProcessor] = {}
     for path, m in attention_modules(model).items():
         if not _replaceable(m.processor):
             continue
         if not isinstance(m.processor, FusedAttnProcessor):
             object.__setattr__(m, _PREV, m.processor)
-        todo[path] = processor
+        if processor is not None:
+            todo[path] = processor
+        elif isinstance(m.processor, FusedAttnProcessor):
+            todo[path] = m.processor
+        else:
+            want = fused_processor_for(m.processor)
+            todo[path] = shared.setdefault(want.use_attn_scale, want)
     if todo:
         set_processors(model, todo)
     return len(todo)

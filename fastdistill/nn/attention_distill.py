@@ -19,7 +19,8 @@ Head pairing (teacher heads ``H_t``, student heads ``H_s`` of a layer pair):
 * Otherwise (neither divides the other) a ``ValueError`` is raised.
 
 Head dims may differ freely (``attention_kl`` compares attention distributions, not features);
-each side uses its own ``attn.scale`` (``head_dim**-0.5`` in diffusers UNets). Query and key
+each side uses the scale its layer attends with (``head_dim**-0.5`` for ``AttnProcessor2_0`` layers,
+``attn.scale`` for legacy ``AttnProcessor`` ones, as :func:`fastdistill.diffusers.fused_processor_for`). Query and key
 lengths of a pair must match (same latent resolution and text length).
 """
 
@@ -38,12 +39,17 @@ Layers = Union[None, str, Sequence[str], Mapping[str, str]]
 class _Record:
     """Recorder installed on one layer: keeps the latest ``(q, k, scale)`` of that layer."""
 
-    def __init__(self, store: dict[str, tuple[torch.Tensor, torch.Tensor, float]], name: str) -> None:
+    def __init__(self, store: dict[str, tuple[torch.Tensor, torch.Tensor, float]], name: str,
+                 use_attn_scale: bool = False) -> None:
         self.store = store
         self.name = name
+        self.use_attn_scale = use_attn_scale
 
     def __call__(self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
-        self.store[self.name] = (query, key, float(attn.scale))
+        # The scale the layer's processor attends with (FusedAttnProcessor's rule), so the distilled
+        # distribution is the one the layer computes.
+        scale = float(attn.scale) if self.use_attn_scale else query.shape[-1] ** -0.5
+        self.store[self.name] = (query, key, scale)
 
 
 def _norm_path(path: str) -> str:
@@ -143,7 +149,7 @@ class AttentionDistillLoss(nn.Module):
         return pairs
 
     def _install(self, mods: dict[str, nn.Module], paths: list[str], store: dict, side: str) -> None:
-        from ..diffusers.processor import FusedAttnProcessor, _replaceable
+        from ..diffusers.processor import _replaceable, fused_processor_for
 
         for path in dict.fromkeys(paths):
             m = mods[path]
@@ -152,7 +158,9 @@ class AttentionDistillLoss(nn.Module):
                                  f"which the recording processor would replace with different math; only "
                                  f"AttnProcessor/AttnProcessor2_0/FusedAttnProcessor layers can be matched")
             self._installed.append((m, m.processor))
-            m.set_processor(FusedAttnProcessor(recorder=_Record(store, path)))
+            proc = fused_processor_for(m.processor)
+            proc.recorder = _Record(store, path, use_attn_scale=proc.use_attn_scale)
+            m.set_processor(proc)
 
     def remove(self) -> None:
         """Put back the processors the chosen layers had; the loss cannot be used afterwards."""

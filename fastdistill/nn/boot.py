@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.boot import boot_loss
-from ..ops.diffusion_steps import PREDICTION_TYPES, _schedule
+from ..ops.diffusion_steps import PREDICTION_TYPES, _schedule, value_checks_enabled
 from ._outputs import model_output
 
 
@@ -103,6 +103,9 @@ class BootDistiller(nn.Module):
 
         ``timesteps``: (B,) integer t in ``[step_size, T-1]`` (default: uniform); ``cond``: conditioning
         passed to both networks; ``uncond``: the teacher's unconditional kwargs under CFG.
+        The range of given ``timesteps`` is checked for CPU tensors; for CUDA tensors only with
+        ``FASTDISTILL_VALUE_CHECKS=1`` (the check is a host sync; see
+        :func:`fastdistill.ops.diffusion_steps.value_checks_enabled`). No other host sync.
         """
         B = noise.shape[0]
         T, dt = self.num_timesteps, self.step_size
@@ -114,7 +117,8 @@ class BootDistiller(nn.Module):
                 else timesteps.to(device=dev, dtype=torch.long)
             if t.shape != (B,):
                 raise ValueError(f"BootDistiller.loss: timesteps must have shape ({B},), got {tuple(timesteps.shape)}")
-            lo, hi = int(t.min()), int(t.max())
+            # A host read: on for CPU tensors, opt-in on CUDA (FASTDISTILL_VALUE_CHECKS=1), see value_checks_enabled.
+            lo, hi = torch.stack([t.min(), t.max()]).tolist() if value_checks_enabled(dev) else (dt, T - 1)
             if lo < dt or hi >= T:
                 raise ValueError(f"BootDistiller.loss: timesteps must lie in [{dt}, {T - 1}] (s = t - {dt} >= 0), "
                                  f"got [{lo}, {hi}]")

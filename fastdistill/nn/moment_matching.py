@@ -23,6 +23,11 @@ Models are called as ``model(z, t, **cond)`` (diffusers ``UNet2DModel`` / ``UNet
 ``.sample`` or the first tuple element is taken) and their output (``epsilon``, ``sample`` or
 ``v_prediction``) is converted to an x-prediction in fp32. The schedule is a diffusers scheduler's
 ``alphas_cumprod``: ``alpha_t = sqrt(abar_t)``, ``sigma_t = sqrt(1 - abar_t)``.
+
+Host syncs: none in the losses, their backward or :meth:`MomentMatchingDistiller.sample` (statistics
+stay 0-d device tensors; a CPU ``generator``'s draws are moved with non-blocking pinned copies). The
+range of user-given ``timesteps`` is checked for CPU tensors; for CUDA tensors only with
+``FASTDISTILL_VALUE_CHECKS=1`` (a host read; see :func:`fastdistill.ops.diffusion_steps.value_checks_enabled`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.moment_matching import auxiliary_denoiser_loss, moment_matching_loss, posterior_sample
+from ..ops.diffusion_steps import host_to_device, value_checks_enabled
 from ..ops.multi_tensor import moment_dot, preconditioned_perturb_
 from ._outputs import model_output
 
@@ -196,20 +202,22 @@ class MomentMatchingDistiller(nn.Module):
         if timesteps is None:
             grid = self.student_timesteps()
             device = grid.device if generator is None else generator.device
-            idx = torch.randint(0, grid.numel(), (B,), generator=generator, device=device).to(grid.device)
+            idx = host_to_device(torch.randint(0, grid.numel(), (B,), generator=generator, device=device), grid.device)
             t = grid[idx]
         else:
             if not isinstance(timesteps, Tensor) or timesteps.dtype.is_floating_point or timesteps.shape != (B,):
                 raise ValueError(f"MomentMatchingDistiller: timesteps must be an integer tensor of shape ({B},)")
             t = timesteps.to(self.alphas.device).long()
-            if bool(((t < 0) | (t >= self.num_train_timesteps)).any()):
+            # A host read: on for CPU tensors, opt-in on CUDA (FASTDISTILL_VALUE_CHECKS=1).
+            if value_checks_enabled(t.device) and bool(((t < 0) | (t >= self.num_train_timesteps)).any()):
                 raise ValueError(f"MomentMatchingDistiller: timesteps must lie in [0, {self.num_train_timesteps})")
         s = torch.clamp(t - self.stride, min=0)
         return t, s
 
     def _diffuse(self, x0: Tensor, t: Tensor, generator: torch.Generator | None) -> Tensor:
         device = x0.device if generator is None else generator.device
-        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32).to(x0.device)
+        noise = host_to_device(torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32),
+                               x0.device)
         a, s = self.alphas[t], self.sigmas[t]
         return _bcast(a, x0) * _wide(x0) + _bcast(s, x0) * noise
 
@@ -402,15 +410,16 @@ class MomentMatchingDistiller(nn.Module):
     @torch.no_grad()
     def sample(self, noise: Tensor, *, generator: torch.Generator | None = None, **cond: Any) -> Tensor:
         """Run the k-step student sampler from pure noise at the top grid time; returns the final x~."""
-        grid = self.student_timesteps().flip(0)
         z = _wide(noise)
         B = z.shape[0]
         x = z
-        for i, tt in enumerate(grid.tolist()):
+        # The grid on the host (the same values as student_timesteps()): no device read per step.
+        host_grid = [(i + 1) * self.stride - 1 for i in reversed(range(self.num_student_steps))]
+        for i, tt in enumerate(host_grid):
             t = torch.full((B,), tt, dtype=torch.long, device=z.device)
             x = self.x_prediction(self.student, z, t, cond)
-            if i + 1 < grid.numel():
-                s = torch.full((B,), int(grid[i + 1]), dtype=torch.long, device=z.device)
+            if i + 1 < len(host_grid):
+                s = torch.full((B,), host_grid[i + 1], dtype=torch.long, device=z.device)
                 z = self._posterior(z, x, t, s, generator)
         return x
 

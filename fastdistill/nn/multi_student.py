@@ -14,20 +14,40 @@ timestep, *args, **kwargs)`` takes exactly what the students take and returns wh
 
 Execution of the routed step:
 
-* ``fused=False`` (loop): one call per non-empty segment on its slice; empty segments are skipped
-  (an empty batch crashes diffusers attention). On CUDA the students run on separate streams so
-  their kernels can overlap.
+* ``fused=False`` (loop, the default): one call per non-empty segment on its slice; empty segments
+  are skipped (an empty batch crashes diffusers attention). On CUDA the students run on separate
+  streams so their kernels can overlap.
 * ``fused=True`` (horizontal fusion, students of one architecture): the students' parameters are
   stacked (``torch.stack``, differentiable, so the gradients land in each student's own
   parameters; this is ``torch.func.stack_module_state`` with autograd kept) and one
   ``torch.func.vmap`` of ``functional_call`` runs all K students as one batched model. Each segment
   is padded to a common capacity (a multiple of ``capacity_multiple``, or a fixed ``capacity``).
   With a fixed ``capacity`` on CUDA nothing is read on the host (range and capacity are checked by a
-  device-side assert), so shapes are static and the step can be captured in a CUDA graph. Padding
-  rows repeat a real row of their segment and are dropped; they get no gradient.
-* ``fused="auto"``: fused on CUDA when the students share one architecture, the loop otherwise
-  (on CPU, vmap's per-op overheads and the missing batching rule of CPU flash attention make the
-  loop faster).
+  device-side assert), so shapes are static and the step can be captured in a CUDA graph. Under
+  ``torch.compile`` this host-free route is taken on every device, so a fixed-capacity fused
+  MultiStudent compiles with ``fullgraph=True`` (the loop and the automatic capacity read the segment
+  sizes on the host, a graph break). Padding rows repeat a real row of their segment and are dropped;
+  they get no gradient.
+* ``fused="auto"``: accepted for compatibility and means ``False``: no GPU benchmark has shown the
+  fused path faster than the loop yet (``bench/bench_o2mkd.py`` measures both). ``"auto"`` will pick
+  the fused path only by a measured, documented rule.
+
+Fused path, stacked-weight cache: the stacked parameters and buffers are kept between forwards and
+rebuilt only when a source tensor changed: the cache key holds each parameter's and buffer's identity,
+``_version`` counter (bumped by every in-place update: optimizer steps, ``load_state_dict``,
+``p.add_(...)`` under ``no_grad``), storage pointer, device, dtype, shape and ``requires_grad``, plus the
+grad / inference mode it was built in. Reusing the stacked tensor across backward passes is exact (the
+stack's backward saves nothing). Writes through ``p.data`` bypass the version counter: call
+:meth:`MultiStudent.clear_stack_cache` after them. The cache holds one stacked copy of the students'
+weights (the memory every fused forward held anyway) and is not copied by ``copy.deepcopy`` or pickled.
+
+Fused path, attention: ``vmap`` has batching rules for the CUDA SDPA kernels (flash, memory-efficient,
+cuDNN) but not for CPU flash attention, where it would fall back to a loop over the K students (a
+"performance drop" warning). Off CUDA the fused forward therefore runs under
+``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``: SDPA decomposes into matmul + softmax, which vmap
+batches into one call over all students (it materialises the ``(L, S)`` attention matrix per head, as the
+math backend does). Attention implemented by a custom op without a vmap rule (e.g. a custom processor)
+is not covered; use the loop for such students.
 
 DDP: a student with no sample in a step gets no gradient, and plain DDP then fails on the next
 iteration ("Expected to have finished reduction ..."). While ``torch.distributed`` is initialised
@@ -41,6 +61,7 @@ every step and needs no touch.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -48,11 +69,65 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..ops import routing as _routing
+from ..ops.diffusion_steps import value_checks_enabled
 
 __all__ = ["MultiStudent"]
 
 # Side streams per device, shared by every MultiStudent (one per concurrently running student).
 _STREAMS: dict[torch.device, list["torch.cuda.Stream"]] = {}
+
+
+def _stack_named(per: list[dict[str, torch.Tensor]], names: list[str]) -> dict[str, torch.Tensor]:
+    """``{name: torch.stack([students' tensor name])}`` (differentiable). The fused path's one restack."""
+    return {name: torch.stack([d[name] for d in per]) for name in names}
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.requires_grad)
+
+
+class _StackCache:
+    """The fused path's stacked parameters and buffers, valid while every source tensor (and the stacked
+    tensors themselves) are unchanged. Weak references to the sources: the cache never keeps a replaced
+    parameter alive. ``copy.deepcopy`` and pickling give an empty cache (stacked tensors are graph outputs)."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.refs: list[weakref.ReferenceType] = []
+        self.keys: list[tuple] = []
+        self.mode: tuple = ()
+        self.params: Optional[dict[str, torch.Tensor]] = None
+        self.buffers: Optional[dict[str, torch.Tensor]] = None
+        self.stacked_versions: list[int] = []
+
+    def __reduce__(self) -> tuple:
+        return (_StackCache, ())
+
+    def _stacked(self) -> list[torch.Tensor]:
+        return list((self.params or {}).values()) + list((self.buffers or {}).values())
+
+    def lookup(self, sources: list[torch.Tensor], mode: tuple) -> bool:
+        if self.params is None or len(sources) != len(self.refs):
+            return False
+        grad_built, inference = self.mode
+        if inference != mode[1] or (mode[0] and not grad_built):
+            return False  # a no-grad build cannot serve a grad forward; inference tensors stay in inference mode
+        if any(r() is not t for r, t in zip(self.refs, sources)):
+            return False
+        if any(k != _tensor_key(t) for k, t in zip(self.keys, sources)):
+            return False
+        # the stacked copies themselves must be untouched (an in-place buffer update inside a forward)
+        return [t._version for t in self._stacked()] == self.stacked_versions
+
+    def store(self, sources: list[torch.Tensor], mode: tuple, params: dict[str, torch.Tensor],
+              buffers: dict[str, torch.Tensor]) -> None:
+        self.refs = [weakref.ref(t) for t in sources]
+        self.keys = [_tensor_key(t) for t in sources]
+        self.mode = mode
+        self.params, self.buffers = params, buffers
+        self.stacked_versions = [t._version for t in self._stacked()]
 
 
 def _architecture_key(module: nn.Module) -> tuple:
@@ -61,6 +136,25 @@ def _architecture_key(module: nn.Module) -> tuple:
     params = tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters())
     buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in module.named_buffers())
     return type(module), config_key, params, buffers
+
+
+def _check_int(op: str, name: str, value: Any, what: str = "a positive int") -> None:
+    """TypeError unless an int (bools refused), ValueError unless >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be {what}, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{op}: {name} must be {what}, got {value!r}")
+
+
+def _batched_attention(device: torch.device) -> Any:
+    """Context of the fused vmap: off CUDA, SDPA on its math backend (batched by vmap, module docstring)."""
+    import contextlib
+
+    if device.type == "cuda":
+        return contextlib.nullcontext()  # the CUDA SDPA kernels have vmap batching rules
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 class MultiStudent(nn.Module):
@@ -72,8 +166,9 @@ class MultiStudent(nn.Module):
         boundaries: K+1 strictly increasing ints, ``0 = boundaries[0] < ... < boundaries[K] =
             num_train_timesteps``; student ``k`` owns ``boundaries[k] <= t < boundaries[k+1]``.
         num_train_timesteps: T of the noise schedule (the last boundary).
-        fused: ``True`` (horizontal fusion; the students must share one architecture), ``False``
-            (one call per non-empty segment) or ``"auto"`` (see the module docstring).
+        fused: ``False`` (default: one call per non-empty segment), ``True`` (horizontal fusion with a
+            stacked-weight cache; the students must share one architecture) or ``"auto"`` (currently
+            the same as ``False``, see the module docstring).
         touch_skipped: zero-weight touch of skipped students' parameters for DDP (see the module
             docstring); ``None`` = whenever ``torch.distributed`` is initialised.
         capacity: fused path only: fixed per-segment capacity (every segment padded to it; a
@@ -83,10 +178,12 @@ class MultiStudent(nn.Module):
 
     Attributes ``config``, ``dtype`` and ``device`` are those of the first student, so diffusers
     pipelines (``DDIMPipeline(unet=MultiStudent(...), scheduler=...)``) accept it.
+
+    Raises ``TypeError`` for arguments of the wrong type and ``ValueError`` for wrong values.
     """
 
     def __init__(self, students: Sequence[nn.Module], boundaries: Union[Sequence[int], torch.Tensor], *,
-                 num_train_timesteps: int = 1000, fused: Union[bool, str] = "auto",
+                 num_train_timesteps: int = 1000, fused: Union[bool, str] = False,
                  touch_skipped: Optional[bool] = None, capacity: Optional[int] = None,
                  capacity_multiple: int = 8) -> None:
         super().__init__()
@@ -99,18 +196,21 @@ class MultiStudent(nn.Module):
         for i, s in enumerate(students):
             if not isinstance(s, nn.Module):
                 raise TypeError(f"{op}: students[{i}] must be an nn.Module, got {type(s).__name__}")
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-            raise ValueError(f"{op}: num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+        _check_int(op, "num_train_timesteps", num_train_timesteps)
         values = _routing.check_boundaries(op, boundaries, num_train_timesteps=num_train_timesteps)
         if len(values) != len(students) + 1:
             raise ValueError(f"{op}: {len(students)} students need {len(students) + 1} boundaries, got "
                              f"{len(values)} ({list(values)})")
-        if fused not in (True, False, "auto"):
-            raise ValueError(f"{op}: fused must be True, False or 'auto', got {fused!r}")
-        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
-            raise ValueError(f"{op}: capacity must be a positive int or None, got {capacity!r}")
-        if isinstance(capacity_multiple, bool) or not isinstance(capacity_multiple, int) or capacity_multiple < 1:
-            raise ValueError(f"{op}: capacity_multiple must be a positive int, got {capacity_multiple!r}")
+        if isinstance(fused, str):
+            if fused != "auto":
+                raise ValueError(f"{op}: fused must be True, False or 'auto', got the string {fused!r}")
+        elif not isinstance(fused, bool):
+            raise TypeError(f"{op}: fused must be a bool (or 'auto'), got {type(fused).__name__} {fused!r}")
+        if touch_skipped is not None and not isinstance(touch_skipped, bool):
+            raise TypeError(f"{op}: touch_skipped must be a bool or None, got {type(touch_skipped).__name__}")
+        if capacity is not None:
+            _check_int(op, "capacity", capacity, "a positive int or None")
+        _check_int(op, "capacity_multiple", capacity_multiple)
         self.students = nn.ModuleList(students)
         self.boundaries: tuple[int, ...] = values
         self.num_train_timesteps = num_train_timesteps
@@ -123,6 +223,7 @@ class MultiStudent(nn.Module):
             raise ValueError(f"{op}: fused=True needs students of one architecture (same class, config and "
                              f"parameter shapes); these differ. Use fused=False")
         self.fused = fused
+        self._stack_cache = _StackCache()
 
     # -- what diffusers pipelines read from their unet ------------------------------------------
     @property
@@ -165,9 +266,32 @@ class MultiStudent(nn.Module):
         raise AssertionError("unreachable")
 
     def _use_fused(self, device: torch.device) -> bool:
-        if self.fused == "auto":
-            return self.same_architecture and device.type == "cuda" and self.num_students > 1
-        return bool(self.fused)
+        # "auto" = the loop until a GPU benchmark shows the fused path winning (module docstring)
+        return self.fused is True
+
+    def clear_stack_cache(self) -> None:
+        """Drop the fused path's stacked weights; the next fused forward restacks. Needed only after
+        writes that bypass the version counters (``p.data.copy_(...)``); optimizer steps,
+        ``load_state_dict`` and in-place updates of the parameters themselves are detected."""
+        self._stack_cache.clear()
+
+    def _stacked_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Stacked ``(params, buffers)`` of the K students, from the cache when nothing changed."""
+        per = [dict(s.named_parameters()) for s in self.students]
+        perb = [dict(s.named_buffers()) for s in self.students]
+        names = list(per[0])
+        bnames = list(perb[0])
+        sources = [d[n] for d in per for n in names] + [d[n] for d in perb for n in bnames]
+        if torch.compiler.is_compiling():
+            # The stack is part of the traced graph (no cache; dynamo cannot trace the mode queries).
+            return _stack_named(per, names), _stack_named(perb, bnames)
+        mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        cache = self._stack_cache
+        if cache.lookup(sources, mode):
+            return cache.params, cache.buffers  # type: ignore[return-value]
+        params, buffers = _stack_named(per, names), _stack_named(perb, bnames)
+        cache.store(sources, mode, params, buffers)
+        return params, buffers
 
     def _should_touch(self) -> bool:
         if not torch.is_grad_enabled():
@@ -202,8 +326,10 @@ class MultiStudent(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int], *args: Any,
                 **kwargs: Any) -> Any:
         """Same arguments and return type as the students' forward (see the class docstring)."""
-        if not isinstance(sample, torch.Tensor) or sample.dim() < 1:
-            raise TypeError("MultiStudent: sample must be a batch-major tensor")
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"MultiStudent: sample must be a torch.Tensor, got {type(sample).__name__}")
+        if sample.dim() < 1:
+            raise ValueError("MultiStudent: sample must be batch-major (at least 1-D), got a 0-d tensor")
         B = sample.shape[0]
         if not isinstance(timestep, torch.Tensor):
             if isinstance(timestep, bool) or not isinstance(timestep, (int, float)):
@@ -220,9 +346,11 @@ class MultiStudent(nn.Module):
             timestep = timestep.to(sample.device)
         bnd = _routing.boundaries_tensor(self.boundaries, sample.device)
         routing = _routing._route(_routing._check_timesteps("MultiStudent", timestep), bnd)
-        if self.capacity is not None and sample.device.type == "cuda" and self._use_fused(sample.device):
-            # Fixed capacity on CUDA: nothing is read on the host, so the whole step can be captured
-            # in a CUDA graph. Range and capacity are checked by a device-side assert instead.
+        if self.capacity is not None and self._use_fused(sample.device) and not value_checks_enabled(sample.device):
+            # Fixed capacity where host checks are off (CUDA by default, under torch.compile on any device,
+            # FASTDISTILL_VALUE_CHECKS=0): nothing is read on the host,
+            # so shapes are static (the step can be captured in a CUDA graph, and compiled with
+            # fullgraph=True). Range and capacity are checked by a device-side assert instead.
             return self._fused(routing, None, sample, timestep, args, kwargs)
         offsets = routing.host_offsets()  # the step's one host copy; raises for out-of-range timesteps
         counts = [offsets[k + 1] - offsets[k] for k in range(self.num_students)]
@@ -327,12 +455,7 @@ class MultiStudent(nn.Module):
         batched = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == B]
         padded = [leaves[i].index_select(0, rows).reshape(K, cap, *leaves[i].shape[1:]) for i in batched]
 
-        names = [n_ for n_, _ in self.students[0].named_parameters()]
-        per = [dict(s.named_parameters()) for s in self.students]
-        params = {name: torch.stack([p[name] for p in per]) for name in names}
-        bnames = [n_ for n_, _ in self.students[0].named_buffers()]
-        perb = [dict(s.named_buffers()) for s in self.students]
-        buffers = {name: torch.stack([b[name] for b in perb]) for name in bnames}
+        params, buffers = self._stacked_state()
         base = self.students[0]
         out_spec: list[Any] = []
 
@@ -346,7 +469,8 @@ class MultiStudent(nn.Module):
             out_spec[:] = [o_spec, [None if isinstance(x, torch.Tensor) else (x,) for x in o_leaves]]
             return tuple(x for x in o_leaves if isinstance(x, torch.Tensor))
 
-        outs = vmap(one_student, in_dims=(0, 0) + (0,) * len(padded))(params, buffers, *padded)
+        with _batched_attention(dev):
+            outs = vmap(one_student, in_dims=(0, 0) + (0,) * len(padded))(params, buffers, *padded)
         o_spec, others = out_spec
         it = iter(outs)
         result_leaves = []

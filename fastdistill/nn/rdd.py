@@ -4,7 +4,10 @@
 Constructor arguments, forward inputs, buffer and parameter names match the official classes, so an
 official checkpoint of ``Memory_p2p_loss`` loads into :class:`MemoryP2PLoss` with ``load_state_dict``.
 Differences: no hard ``.cuda()`` calls (CPU works), no teacher gradient, the losses come back in fp32,
-and every cross-rank gather is optional (local when torch.distributed is not initialised).
+and every cross-rank collective is optional. Defaults follow the official code under DDP: the relational
+losses are per rank (``process_group=None``), while :class:`MemoryP2PLoss` keeps its official collectives
+(``sync_group=WORLD``: the queue's all-gather of teacher pixels and the head's SyncBatchNorm); all are local
+when torch.distributed is not initialised.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.rdd import WORLD, fused_rdd_loss, memory_p2p_loss, rcfd_loss
+from ..distributed import WORLD, gather_rows
+from ..ops.diffusion_steps import host_to_device
+from ..ops.rdd import fused_rdd_loss, memory_p2p_loss, rcfd_loss
 
 __all__ = ["IntraSampleP2PLoss", "MemoryP2PLoss", "RCFDLoss", "RDDLoss"]
 
@@ -28,15 +33,16 @@ class IntraSampleP2PLoss(nn.Module):
         pooling: accepted and stored for signature compatibility; the official class never uses it.
         factor: loss weight (official: 1.0).
         pairs: ``"all"`` (official: every ordered sample pair) or ``"intra"`` (``b = d`` only).
-        process_group: ``"world"`` (default), a ProcessGroup or ``None``: with an active group the loss
-            is computed over the global batch (see :func:`fastdistill.fused_rdd_loss`).
+        process_group: ``None`` (default, as the official class): the loss over this rank's batch, no
+            collective. ``fastdistill.distributed.WORLD`` or a ProcessGroup: the loss over the global batch
+            (see :func:`fastdistill.fused_rdd_loss` and docs/distributed.md).
 
     Forward: ``(feat_S (B, C_s, H, W), feat_T (B, C_t, H, W), type="fast") -> fp32 scalar``
     (``type`` is ignored, as officially).
     """
 
     def __init__(self, temperature: float = 1.0, pooling: bool = False, factor: float = 1.0, *,
-                 pairs: str = "all", process_group=WORLD) -> None:
+                 pairs: str = "all", process_group=None) -> None:
         super().__init__()
         self.temperature = temperature
         self.pooling = pooling
@@ -76,7 +82,7 @@ class _SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         shape = (1, -1) + (1,) * (input.dim() - 2)
         dims = [0] + list(range(2, input.dim()))
         x = input.float()
-        count = torch.tensor(float(input.numel() // input.shape[1]), device=input.device)
+        count = torch.full((), float(input.numel() // input.shape[1]), device=input.device)  # a fill: no H2D copy
         mean = x.mean(dims)
         m2 = (x - mean.view(shape)).square().sum(dims)
         total, mean, m2 = all_reduce_moments(count, mean, m2, group)
@@ -101,7 +107,7 @@ class MemoryP2PLoss(nn.Module):
     embeddings, and the memory pixel-to-pixel KL against a fixed evenly spaced contrast subset.
 
     Each forward: normalise the teacher map, project and normalise the student map, enqueue ``K =
-    min(B_glob * P, 128)`` random teacher pixels (gathered over ranks; CPU ``torch.randperm`` as
+    min(B_glob * P, 128)`` random teacher pixels (gathered over ``sync_group``, all ranks by default; CPU ``torch.randperm`` as
     officially, so queues stay identical across equally seeded ranks), then return
     ``factor * memory_p2p_loss(student, teacher, queue, index=sampled_indices)``. The contrast rows
     are read from the queue through the index inside the kernel (no 31 MB copy per step).
@@ -118,8 +124,14 @@ class MemoryP2PLoss(nn.Module):
             teacher batch, bit for bit as the official code (that view reinterprets memory, so a stored
             "pixel" mixes channels and samples of several pixels); ``"pixel"`` stores true per-pixel
             channel vectors (``keys.permute(1, 0, 2, 3).reshape(C, -1)``). Loss math is identical.
-        process_group: group for the enqueue all-gather (``"world"`` default: all ranks when
-            torch.distributed is initialised; ``None``: local queue update).
+        process_group: group of the loss (:func:`fastdistill.memory_p2p_loss`): ``None`` (default, as the
+            official class) averages over this rank's pixels; ``WORLD`` or a ProcessGroup over the global
+            batch's pixels.
+        sync_group: group of the official class's own collectives: the all-gather of teacher pixels for
+            the enqueue (official ``concat_all_gather``) and the projection head's batch statistics
+            (official ``nn.SyncBatchNorm``). ``WORLD`` (default, as officially: all ranks when
+            torch.distributed is initialised, so every rank must call the forward) or a ProcessGroup;
+            ``None``: local queue update and local batch statistics, no collective at all.
 
     State dict: ``project_head.{0,1,3}.*``, ``teacher_pixel_queue`` (M, t_channels) and
     ``pixel_queue_ptr`` (1,), as officially. ``project_head.1`` is a batch norm with cross-rank statistics
@@ -130,7 +142,7 @@ class MemoryP2PLoss(nn.Module):
                  region_contrast_size: int = 1024, pixel_contrast_size: int = 4096,
                  contrast_kd_temperature: float = 1.0, contrast_temperature: float = 0.1,
                  s_channels: int = 1920, t_channels: int = 1920, factor: float = 0.1, *,
-                 queue_layout: str = "official", process_group=WORLD) -> None:
+                 queue_layout: str = "official", process_group=None, sync_group=WORLD) -> None:
         super().__init__()
         if queue_layout not in ("official", "pixel"):
             raise ValueError(f"MemoryP2PLoss: queue_layout must be 'official' or 'pixel', got {queue_layout!r}")
@@ -144,7 +156,7 @@ class MemoryP2PLoss(nn.Module):
         # Same construction order as the official class, so a seeded build draws the same weights and queue.
         self.project_head = nn.Sequential(
             nn.Conv2d(s_channels, t_channels, 1, bias=False),
-            _SyncBatchNorm(t_channels, process_group=process_group),
+            _SyncBatchNorm(t_channels, process_group=sync_group),
             nn.ReLU(True),
             nn.Conv2d(t_channels, t_channels, 1, bias=False),
         )
@@ -154,6 +166,7 @@ class MemoryP2PLoss(nn.Module):
         self.factor = factor
         self.queue_layout = queue_layout
         self.process_group = process_group
+        self.sync_group = sync_group
         self.register_buffer("teacher_pixel_queue",
                              F.normalize(torch.randn(pixel_memory_size, t_channels), p=2, dim=1))
         self.register_buffer("pixel_queue_ptr", torch.zeros(1, dtype=torch.long))
@@ -161,24 +174,11 @@ class MemoryP2PLoss(nn.Module):
         # Not in the state dict (the official attribute is a plain tensor), but follows .to(device).
         self.register_buffer("sampled_indices", idx, persistent=False)
 
-    def _gather(self, keys: torch.Tensor) -> torch.Tensor:
-        pg = self.process_group
-        if pg is None:
-            return keys
-        import torch.distributed as tdist
-
-        if isinstance(pg, str) and not (tdist.is_available() and tdist.is_initialized()):
-            return keys
-        from fastdistill import distributed as fd
-
-        group = fd.resolve_group(pg)
-        return keys if group is None else fd.all_gather_with_grad(keys, group)
-
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
         """Official ``_dequeue_and_enqueue`` without host syncs: the ring write uses tensor ops."""
         queue = self.teacher_pixel_queue
-        keys = self._gather(keys)
+        keys = gather_rows([keys], self.sync_group)[0]  # official concat_all_gather (over sync_group)
         _, C, _, _ = keys.shape
         if self.queue_layout == "official":
             this_feat = keys.contiguous().view(C, -1)
@@ -187,7 +187,7 @@ class MemoryP2PLoss(nn.Module):
         num_pixel = this_feat.shape[1]
         perm = torch.randperm(num_pixel)  # CPU default generator, as officially
         K = min(num_pixel, self.pixel_update_freq, self.pixel_memory_size)
-        feat = this_feat[:, perm[:K].to(this_feat.device)].transpose(0, 1)
+        feat = this_feat[:, host_to_device(perm[:K], this_feat.device)].transpose(0, 1)  # no host sync
         feat = F.normalize(feat, p=2, dim=1).to(queue.dtype)
         ptr = self.pixel_queue_ptr
         wrap = ptr + K >= self.pixel_memory_size
@@ -205,7 +205,8 @@ class MemoryP2PLoss(nn.Module):
         self._dequeue_and_enqueue(t_norm.clone())
         loss = memory_p2p_loss(s_proj, t_norm, self.teacher_pixel_queue, index=self.sampled_indices,
                                temperature=self.contrast_temperature,
-                               kd_temperature=self.contrast_kd_temperature, check_index=False)
+                               kd_temperature=self.contrast_kd_temperature, check_index=False,
+                               process_group=self.process_group)
         return loss * self.factor
 
 
@@ -239,7 +240,10 @@ class RDDLoss(nn.Module):
         pixel_memory_size, pixel_contrast_size, contrast_kd_temperature, contrast_temperature,
         memory_factor, queue_layout: :class:`MemoryP2PLoss` arguments (``memory_factor`` is its ``factor``).
         rcfd_weight, is_weight, memory_weight: extra weights on the three terms (default 1).
-        process_group: passed to both relational terms.
+        process_group: the loss group of both relational terms (``None`` default: per rank, as officially;
+            ``WORLD`` or a ProcessGroup: the global-batch objective).
+        sync_group: :class:`MemoryP2PLoss`'s ``sync_group`` (default ``WORLD``: the official queue gather
+            and SyncBatchNorm statistics over all ranks; ``None``: no collective at all).
 
     Forward: ``(student_features, teacher_features, student_logits=None, teacher_logits=None,
     return_terms=False)``; the RCFD term is added when both logits are given. With
@@ -251,7 +255,8 @@ class RDDLoss(nn.Module):
                  pixel_memory_size: int = 20000, pixel_contrast_size: int = 4096,
                  contrast_kd_temperature: float = 1.0, contrast_temperature: float = 0.1,
                  memory_factor: float = 0.1, queue_layout: str = "official", rcfd_weight: float = 1.0,
-                 is_weight: float = 1.0, memory_weight: float = 1.0, process_group=WORLD) -> None:
+                 is_weight: float = 1.0, memory_weight: float = 1.0, process_group=None,
+                 sync_group=WORLD) -> None:
         super().__init__()
         self.rcfd = RCFDLoss(rcfd_temperature)
         self.is_p2p = IntraSampleP2PLoss(is_temperature, factor=is_factor, pairs=pairs, process_group=process_group)
@@ -259,7 +264,7 @@ class RDDLoss(nn.Module):
                                         contrast_kd_temperature=contrast_kd_temperature,
                                         contrast_temperature=contrast_temperature, s_channels=s_channels,
                                         t_channels=t_channels, factor=memory_factor, queue_layout=queue_layout,
-                                        process_group=process_group) if memory else None
+                                        process_group=process_group, sync_group=sync_group) if memory else None
         self.rcfd_weight, self.is_weight, self.memory_weight = rcfd_weight, is_weight, memory_weight
 
     def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor,

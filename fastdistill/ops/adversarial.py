@@ -20,7 +20,8 @@ from torch import Tensor
 
 from .. import dispatch
 from .._validation import check_positive, check_same_device, check_tensor
-from .diffusion_steps import _as_rows, bcast, check_batched, check_batched_pair, compute_dtype, reject_float64_on_triton
+from .diffusion_steps import (_as_rows, bcast, check_batched, check_batched_pair, compute_dtype, draw_seed,
+                              host_to_device, reject_float64_on_triton)
 
 dispatch.register_op("gradient_penalty", ["triton"])
 dispatch.register_op("adversarial_losses", ["triton"])
@@ -74,9 +75,9 @@ _interp_triton.register_autograd(_interp_backward, setup_context=_interp_setup)
 
 def _draw_seed(generator: torch.Generator | None) -> int:
     # Drawn from torch's RNG (the CPU one unless a generator is given), so torch.manual_seed makes
-    # the in-kernel mixing weights reproducible.
-    dev = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**31 - 1, (), generator=generator, device=dev).item())
+    # the in-kernel mixing weights reproducible; a CUDA generator's seed comes from its host-side
+    # state (draw_seed): no device sync.
+    return draw_seed(generator, 2**31 - 1)
 
 
 def gan_interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None, *,
@@ -85,6 +86,8 @@ def gan_interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None, *,
 
     ``alpha``: (B,) mixing weights; None draws them from U(0, 1) (inside the kernel on the triton
     backend, seeded from torch's RNG or ``generator``). Differentiable w.r.t. ``real`` and ``fake``.
+    No host sync: the kernel seed comes from the CPU RNG or, for a CUDA ``generator``, from its
+    host-side state (:func:`fastdistill.ops.diffusion_steps.draw_seed`; same state, same weights).
     """
     op = "gradient_penalty"
     device = check_batched_pair(op, ("real", real), ("fake", fake))
@@ -105,7 +108,7 @@ def gan_interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None, *,
         return x.reshape(real.shape), a.detach()  # the weights are sampled constants, not differentiable
     if alpha is None:
         dev = generator.device if generator is not None else device
-        alpha = torch.rand(B, generator=generator, device=dev).to(device)
+        alpha = host_to_device(torch.rand(B, generator=generator, device=dev), device)
     out_dtype = torch.promote_types(real.dtype, fake.dtype)
     cdt = compute_dtype(out_dtype, alpha.dtype)
     a = bcast(alpha.detach().to(cdt), real)
@@ -194,6 +197,11 @@ def gradient_penalty(discriminator: Callable[..., Tensor], real: Tensor, fake: T
 
     Returns:
         A 0-d fp32 tensor.
+
+    ``torch.compile``: the discriminator call and ``torch.autograd.grad`` run eagerly behind a
+    ``torch.compiler.disable`` boundary (``autograd.grad`` cannot be traced into a graph), so a compiled
+    training step calls this function with ``fullgraph=False`` (the default): the interpolation, the norm
+    penalty and the rest of the step are compiled, with a graph break around D. ``fullgraph=True`` raises.
     """
     op = "gradient_penalty"
     if not callable(discriminator):
@@ -201,14 +209,28 @@ def gradient_penalty(discriminator: Callable[..., Tensor], real: Tensor, fake: T
     weight = check_positive(op, "weight", weight, allow_zero=True)
     with torch.enable_grad():
         x_hat, _ = gan_interpolate(real, fake, alpha, generator=generator)
+        grads = _discriminator_input_grad(discriminator, x_hat, conditions)
+        return gradient_norm_penalty(grads, weight)
+
+
+@torch.compiler.disable
+def _discriminator_input_grad(discriminator: Callable[..., Tensor], x_hat: Tensor, conditions: tuple) -> Tensor:
+    """``d sum(D(x_hat, *conditions)) / d x_hat`` with ``create_graph=True``: the ``torch.compile`` boundary.
+
+    ``torch.autograd.grad`` cannot be traced into a graph (dynamo breaks the graph there, and D's output
+    computed in one compiled graph is not connected to an ``x_hat`` returned by it), so this step always
+    runs eagerly: a compiled step (``fullgraph=False``) compiles the interpolation and the norm penalty and
+    calls D and the gradient here, between two graphs. ``fullgraph=True`` cannot include it.
+    """
+    with torch.enable_grad():
         if not x_hat.requires_grad:
             x_hat.requires_grad_(True)
         d_out = discriminator(x_hat, *conditions)
         if not isinstance(d_out, Tensor):
-            raise TypeError(f"{op}: discriminator must return a tensor, got {type(d_out).__name__}")
+            raise TypeError(f"gradient_penalty: discriminator must return a tensor, got {type(d_out).__name__}")
         (grads,) = torch.autograd.grad(d_out, x_hat, grad_outputs=torch.ones_like(d_out), create_graph=True,
                                        retain_graph=True)
-        return gradient_norm_penalty(grads, weight)
+    return grads
 
 
 def compute_gradient_penalty(D: Callable[..., Tensor], noise: Tensor, real_samples: Tensor, fake_samples: Tensor,

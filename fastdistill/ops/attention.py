@@ -6,6 +6,14 @@ the Lq x Lk score matrix on the Triton backend. Kernels: :mod:`fastdistill.kerne
 Backends (see :mod:`fastdistill.dispatch`): ``triton`` (CUDA tensors; CPU tensors under
 ``TRITON_INTERPRET=1``) and ``reference`` (plain PyTorch, the CPU path and the ground truth;
 it materialises the score matrix).
+
+Semantics follow ``torch.nn.functional.scaled_dot_product_attention``: a query row whose keys are
+all masked (every mask entry ``-inf``) gives 0 and a zero, finite gradient, not NaN.
+
+Calls the Triton kernel cannot take (head dim above :data:`MAX_HEAD_DIM`, an ``attn_mask`` that
+requires grad -- the kernel computes no mask gradient -- or float64 inputs) run the reference when
+the backend is chosen automatically, with a one-time :class:`fastdistill.dispatch.FallbackWarning`
+naming the reason; with ``triton`` forced they raise. :func:`triton_fallback_reason` says in advance.
 """
 
 from __future__ import annotations
@@ -53,8 +61,8 @@ def _check_inputs(q: object, k: object, v: object, scale: object, attn_mask: obj
     if (Bk, Hk) != (B, H):
         raise ValueError(f"{OP}: q and k must have the same batch and head counts in layout {layout!r} {axes}; "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"{OP}: head dim must be in 1..{MAX_HEAD_DIM}, got {D} (q shape {tuple(q.shape)})")
+    if D < 1:
+        raise ValueError(f"{OP}: head dim must be >= 1, got {D} (q shape {tuple(q.shape)})")
     if Lq < 1 or Lk < 1:
         raise ValueError(f"{OP}: sequence lengths must be >= 1; got Lq={Lq}, Lk={Lk}")
     if scale is None:
@@ -77,9 +85,6 @@ def _check_mask(attn_mask: object, B: int, H: int, Lq: int, Lk: int) -> Optional
         raise TypeError(f"{OP}: attn_mask must be an additive floating mask (0 keeps, large negative drops), got "
                         f"{attn_mask.dtype}; convert a boolean keep-mask with "
                         f"torch.zeros(m.shape).masked_fill(~m, float('-inf'))")
-    if attn_mask.requires_grad:
-        raise ValueError(f"{OP}: attn_mask requires grad, but fused_attention does not differentiate the mask; "
-                         f"pass attn_mask.detach()")
     want = f"(B, 1, Lk) = ({B}, 1, {Lk}) or 4-D broadcastable to (B, H, Lq, Lk) = ({B}, {H}, {Lq}, {Lk})"
     if attn_mask.dim() == 3:
         # diffusers' encoder mask: one additive row of key biases per sample.
@@ -96,9 +101,23 @@ def _check_mask(attn_mask: object, B: int, H: int, Lq: int, Lk: int) -> Optional
                      f"{tuple(attn_mask.shape)}")
 
 
+def _masked_softmax(s: torch.Tensor) -> torch.Tensor:
+    """``softmax(s, -1)``, except that a row of all ``-inf`` gives zeros (as SDPA does), with a zero,
+    finite gradient: the row max is replaced by 0 there and the zero normaliser by 1."""
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    l = p.sum(dim=-1, keepdim=True)
+    return p / torch.where(l == 0, torch.ones_like(l), l)
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                         attn_mask: torch.Tensor | None = None, layout: str = "bhld") -> torch.Tensor:
-    """Plain-PyTorch attention (materialises the scores; fp32 math for half inputs, fp64 for fp64)."""
+    """Plain-PyTorch attention (materialises the scores; fp32 math for half inputs, fp64 for fp64).
+
+    Any head dim; the mask is differentiated like any other input (broadcast dims get the summed
+    gradient). A fully masked query row gives 0 (SDPA's convention), with zero gradient.
+    """
     scale_f, mask = _check_inputs(q, k, v, scale, attn_mask, layout)
     if layout == "blhd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -106,8 +125,43 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale_f
     if mask is not None:
         s = s + mask.to(ct)
-    out = torch.matmul(torch.softmax(s, dim=-1), v.to(ct)).to(q.dtype)
+    out = torch.matmul(_masked_softmax(s), v.to(ct)).to(q.dtype)
     return out.transpose(1, 2) if layout == "blhd" else out
+
+
+def _kernel_limits(q: torch.Tensor, attn_mask: object, layout: str) -> Optional[str]:
+    """Why the Triton kernel cannot compute this (validated) call, or None when it can."""
+    D = _dims(q, layout)[3]
+    if D > MAX_HEAD_DIM:
+        return f"head dim {D} > {MAX_HEAD_DIM}, the Triton kernel's limit"
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad and torch.is_grad_enabled():
+        return "attn_mask requires grad and the Triton kernel computes no mask gradient"
+    if q.dtype not in TRITON_DTYPES:
+        return f"the Triton kernel takes float16, bfloat16 or float32, not {q.dtype}"
+    return None
+
+
+def _triton_would_run(device: torch.device) -> bool:
+    forced = dispatch.forced_backend(OP)
+    if forced is not None:
+        return forced == "triton"
+    return device.type == "cuda" and dispatch.why_unavailable("triton", device) is None
+
+
+def triton_fallback_reason(q: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
+                           layout: str = "bhld") -> str | None:
+    """Why a :func:`fused_attention` call on these tensors would *not* run the Triton kernel although
+    Triton is the backend for it (forced, or chosen automatically on CUDA), else None.
+
+    Reasons: head dim above :data:`MAX_HEAD_DIM`; an ``attn_mask`` that requires grad while grad
+    mode is on (the kernel computes no mask gradient); a dtype other than float16/bfloat16/float32.
+    Used by :class:`fastdistill.diffusers.FusedAttnProcessor` to route such calls to SDPA.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        return None
+    if not _triton_would_run(q.device):
+        return None
+    return _kernel_limits(q, attn_mask, layout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,25 +226,46 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
             ``F.scaled_dot_product_attention``).
         attn_mask: optional additive float mask, ``(B, 1, Lk)`` (one key bias row per sample, as
             diffusers builds from ``encoder_attention_mask``) or 4-D broadcastable to
-            ``(B, H, Lq, Lk)``: ``(B|1, H|1, Lq|1, Lk)``. It receives no gradient.
+            ``(B, H, Lq, Lk)``: ``(B|1, H|1, Lq|1, Lk)``. ``-inf`` entries drop keys; it is
+            differentiated when it requires grad (on the reference path, see below).
         layout: ``"bhld"`` or ``"blhd"``; the output has the same layout.
 
     Returns:
         ``out`` with ``q``'s shape and dtype (contiguous on the Triton backend).
 
-    Head dims 1..256 (every multiple of 8: 40, 64, 80, 128, 160, 256, ...). Dtypes: float16 and
-    bfloat16 (the fast path), float32 (TF32 dots on NVIDIA GPUs), float64 on the reference
-    backend only.
+    Head dims: the Triton kernel takes 1..256 (any size; 40, 64, 80, 128, 160 and 256 are the UNet
+    ones); larger head dims run the reference (see below). Dtypes: float16 and bfloat16 (the fast
+    path), float32 (TF32 dots on NVIDIA GPUs), float64 on the reference backend.
+
+    A query row whose keys are all masked (``-inf``) gives 0 with a zero gradient, as in
+    ``F.scaled_dot_product_attention``. The mask gets a gradient when it requires one: such calls
+    run the reference, since the Triton kernel computes no mask gradient.
+
+    Fallback: when the backend is chosen automatically and the Triton kernel cannot take the call
+    (:func:`triton_fallback_reason`: head dim > 256, a mask that requires grad, float64), the reference
+    runs and a :class:`fastdistill.dispatch.FallbackWarning` names the reason once per reason. With
+    ``triton`` forced (``use_backend("triton")``) the call raises
+    :class:`fastdistill.dispatch.BackendUnavailableError` (``TypeError`` for float64).
     """
     scale_f, mask = _check_inputs(q, k, v, scale, attn_mask, layout)
-    backend = dispatch.select_backend(OP, q, k, v, attn_mask)
+    limit = _kernel_limits(q, attn_mask, layout) if _triton_would_run(q.device) else None
+    if limit is not None and dispatch.forced_backend(OP) == "triton":
+        if q.dtype not in TRITON_DTYPES:
+            raise TypeError(f"{OP}: the triton backend takes float16, bfloat16 or float32 inputs, got {q.dtype}; "
+                            f"run float64 with fastdistill.use_backend('reference')")
+        raise dispatch.BackendUnavailableError(
+            f"{OP}: backend 'triton' was forced but cannot run this call: {limit}; use the reference backend "
+            f"(fastdistill.use_backend('reference')) or automatic dispatch, which falls back with a warning")
+    if limit is not None:
+        dispatch._warn_once(OP, f"triton: {limit}")
+        with dispatch.use_backend("reference", ops=[OP]):
+            backend = dispatch.select_backend(OP, q, k, v, attn_mask)  # records the reference
+    else:
+        backend = dispatch.select_backend(OP, q, k, v, attn_mask)
     if backend == "reference":
         return attention_reference(q, k, v, scale=scale, attn_mask=attn_mask, layout=layout)
-    if q.dtype not in TRITON_DTYPES:
-        raise TypeError(f"{OP}: the triton backend takes float16, bfloat16 or float32 inputs, got {q.dtype}; "
-                        f"run float64 with fastdistill.use_backend('reference')")
     out, _ = _fwd_op(q, k, v, mask, scale_f, layout)
     return out
 
 
-__all__ = ["fused_attention", "attention_reference"]
+__all__ = ["fused_attention", "attention_reference", "triton_fallback_reason", "MAX_HEAD_DIM"]

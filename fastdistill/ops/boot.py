@@ -99,7 +99,8 @@ _boot_loss_triton.register_autograd(_boot_backward, setup_context=_boot_setup)
 def boot_loss(y_s: Tensor, y_t: Tensor, teacher_output: Tensor, *, x_t: Tensor | None = None,
               alpha_t: Tensor | float, sigma_t: Tensor | float, alpha_s: Tensor | float, sigma_s: Tensor | float,
               weight: Tensor | float | None = None, prediction_type: str = "epsilon",
-              teacher_output_uncond: Tensor | None = None, guidance_scale: Tensor | float | None = None) -> Tensor:
+              teacher_output_uncond: Tensor | None = None, guidance_scale: Tensor | float | None = None,
+              validate: bool | None = None) -> Tensor:
     """BOOT bootstrapping loss ``mean_b w_b/delta_b^2 * mean_d (y_s - sg(y_t + delta_b (f - y_t)))^2``.
 
     Args:
@@ -117,6 +118,10 @@ def boot_loss(y_s: Tensor, y_t: Tensor, teacher_output: Tensor, *, x_t: Tensor |
         teacher_output_uncond: (B, ...) the unconditional teacher output for classifier-free
             guidance; then ``f = f_u + guidance_scale (f_c - f_u)``.
         guidance_scale: CFG scale (number, 0-d or (B,) tensor); required with ``teacher_output_uncond``.
+        validate: check alpha_t, sigma_t, alpha_s > 0 and s != t (ValueError otherwise). ``None``
+            (default): on for CPU tensors, off for CUDA tensors, where it costs a host sync; ``True``
+            opts in (or ``FASTDISTILL_VALUE_CHECKS=1``, see
+            :func:`fastdistill.ops.diffusion_steps.value_checks_enabled`).
 
     Returns:
         A 0-d fp32 tensor (fp64 on the reference backend with fp64 inputs). Only ``y_s`` receives a
@@ -151,7 +156,7 @@ def boot_loss(y_s: Tensor, y_t: Tensor, teacher_output: Tensor, *, x_t: Tensor |
         (lambda: (boot_delta(at.double(), st.double(), as_.double(), ss.double()).abs() < 1e-6).any(),
          lambda: "delta = 1 - (sigma_s alpha_t)/(alpha_s sigma_t) is 0 for some sample (s == t): the loss divides "
                  "by delta^2; use two different times"),
-    ])
+    ], validate)
     backend = dispatch.select_backend(op, y_s, y_t, teacher_output, x_t, teacher_output_uncond)
     if backend == "triton":
         reject_float64_on_triton(op, y_s, y_t, teacher_output, x_t, teacher_output_uncond)

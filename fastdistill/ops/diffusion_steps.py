@@ -14,6 +14,10 @@ dtype, with a fused forward and backward:
 Each op has a plain-PyTorch reference (``*_reference``), the ground truth and the CPU path, and a
 Triton backend registered as a ``torch.library`` custom op (fake kernel + autograd), chosen by
 :mod:`fastdistill.dispatch`.
+
+No host syncs by default: the value checks (timestep ranges, positive scales, s != t) are on for CPU
+tensors and opt-in for CUDA tensors (``validate=True``, or ``FASTDISTILL_VALUE_CHECKS=1``); see
+:func:`value_checks_enabled`, the one switch every opt-in check of fastdistill goes through.
 """
 
 from __future__ import annotations
@@ -100,35 +104,93 @@ def bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape((v.shape[0],) + (1,) * (like.dim() - 1))
 
 
-def value_checks_enabled(device: torch.device) -> bool:
-    """Whether to check input *values* (timestep ranges, positive scales, s != t).
+#: Environment switch of the value checks: ``1`` turns them on on every device, ``0`` off on every
+#: device; unset (or ``auto``): on where they cost no device sync (CPU), off elsewhere (CUDA).
+VALUE_CHECKS_ENV = "FASTDISTILL_VALUE_CHECKS"
 
-    Those checks read device memory. On CPU they are free and always on. On CUDA they cost one host
-    sync per call (all of an op's checks are batched into one copy); ``FASTDISTILL_VALUE_CHECKS=0``
-    turns them off there. They are skipped while torch.compile traces.
+
+def checks_are_free(device: torch.device) -> bool:
+    """Whether the host can read tensors on ``device`` without synchronising with it: True on CPU only.
+
+    The device default of every opt-in value check in fastdistill (timestep ranges, positive scales,
+    ``memory_p2p_loss``'s index range, the DDP gather's size check, ...) is this answer: the checks stay
+    on for CPU tensors and are off for CUDA tensors, where each would cost a host sync.
+    """
+    return torch.device(device).type == "cpu"
+
+
+def value_checks_enabled(device: torch.device, validate: bool | None = None) -> bool:
+    """Whether to check input *values* (timestep ranges, positive scales, s != t, index ranges).
+
+    Those checks read device memory: on CUDA each costs a host sync (an op's checks are batched into
+    one copy), so they are **opt-in there**. In order of precedence:
+
+    * skipped while ``torch.compile`` traces (a host read would break the graph);
+    * ``validate=True`` / ``False`` (the op's ``validate=`` / ``check_index=`` argument) decides;
+    * ``FASTDISTILL_VALUE_CHECKS=1`` turns them on everywhere, ``=0`` off everywhere;
+    * otherwise :func:`checks_are_free`: on for CPU tensors (free there), off for CUDA tensors.
     """
     if compiling():
         return False
-    if device.type == "cpu":
+    if validate is not None:
+        return bool(validate)
+    env = os.environ.get(VALUE_CHECKS_ENV, "").strip().lower()
+    if env in ("1", "true", "on", "yes"):
         return True
-    return os.environ.get("FASTDISTILL_VALUE_CHECKS", "1").strip() != "0"
+    if env in ("0", "false", "off", "no"):
+        return False
+    return checks_are_free(device)
 
 
 Check = tuple[Callable[[], Tensor], Callable[[], str]]
 
 
-def raise_on_bad_values(op: str, device: torch.device, checks: list[Check]) -> None:
+def raise_on_bad_values(op: str, device: torch.device, checks: list[Check], validate: bool | None = None) -> None:
     """``checks``: (builder of a 0-d bool tensor, True when the input is bad; message builder) pairs.
 
-    Nothing is computed when value checks are off; otherwise one device-to-host copy for all of
-    them, and the messages are built only on failure.
+    Nothing is computed when value checks are off (:func:`value_checks_enabled`: by default on CPU,
+    off on CUDA); otherwise one device-to-host copy for all of them, and the messages are built only
+    on failure.
     """
-    if not checks or not value_checks_enabled(device):
+    if not checks or not value_checks_enabled(device, validate):
         return
     bad = torch.stack([flag().reshape(()) for flag, _ in checks]).cpu()
     for (_, message), is_bad in zip(checks, bad.tolist()):
         if is_bad:
             raise ValueError(f"{op}: {message()}")
+
+
+def host_to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t.to(device)`` without a host sync for a small CPU tensor going to a GPU.
+
+    A plain (blocking) host-to-device copy waits for the device (``torch.cuda.set_sync_debug_mode``
+    reports it); a ``non_blocking`` copy of a pinned copy of ``t`` does not. Same values either way.
+    """
+    device = torch.device(device)
+    if t.device == device or t.device.type != "cpu" or device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def draw_seed(generator: torch.Generator | None, limit: int = 2**31 - 1) -> int:
+    """A kernel seed in ``[0, limit)`` from torch's RNG, without a device sync.
+
+    * ``generator=None`` or a CPU generator: one draw of the CPU generator (``torch.manual_seed``
+      makes it reproducible); host memory, so no device sync.
+    * a CUDA (device) generator: its state lives on the host (seed and Philox offset), so the seed
+      is a hash of ``(initial_seed(), get_offset())`` and the offset then advances by 4, as one
+      draw would. Reproducible (same generator state, same seed) and distinct on each call; no
+      device memory is read (the old ``torch.randint(..., device="cuda").item()`` was a sync).
+    """
+    if generator is None or generator.device.type == "cpu":
+        return int(torch.randint(0, limit, (1,), generator=generator).item())
+    offset = generator.get_offset()
+    generator.set_offset(offset + 4)
+    # splitmix64 finaliser of (seed, offset): well mixed, deterministic, host-only
+    z = (generator.initial_seed() * 0x9E3779B97F4A7C15 + offset + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) % limit
 
 
 def not_positive(name: str, v: Tensor) -> Check:
@@ -176,7 +238,7 @@ def _schedule(op: str, alphas_cumprod: Any, final_alpha_cumprod: float | None, d
     if not 0.0 < float(final_alpha_cumprod) <= 1.0:
         raise ValueError(f"{op}: final_alpha_cumprod must be in (0, 1], got {final_alpha_cumprod}")
     # diffusers keeps alphas_cumprod on the CPU; the table is small, so move it to the inputs.
-    return alphas_cumprod.to(device), float(final_alpha_cumprod)
+    return host_to_device(alphas_cumprod, device), float(final_alpha_cumprod)
 
 
 def _timesteps(op: str, name: str, value: Any, batch: int, device: torch.device) -> Tensor:
@@ -196,7 +258,7 @@ def _timesteps(op: str, name: str, value: Any, batch: int, device: torch.device)
     raise ValueError(f"{op}: {name} must be an int, a 0-d tensor or have shape ({batch},), got {tuple(value.shape)}")
 
 
-def _check_timestep_range(op: str, t: Tensor, p: Tensor, n: int) -> None:
+def _check_timestep_range(op: str, t: Tensor, p: Tensor, n: int, validate: bool | None = None) -> None:
     raise_on_bad_values(op, t.device, [
         (lambda: (t < 0).any() | (t >= n).any(),
          lambda: f"timesteps must lie in [0, {n - 1}] (the range of alphas_cumprod, length {n}); got values in "
@@ -204,7 +266,7 @@ def _check_timestep_range(op: str, t: Tensor, p: Tensor, n: int) -> None:
         (lambda: (p >= n).any(),
          lambda: f"prev_timesteps must be < {n} (the length of alphas_cumprod; negative values mean "
                  f"final_alpha_cumprod); got max {int(p.max())}"),
-    ])
+    ], validate)
 
 
 def ddim_step_reference(x_t: Tensor, model_output: Tensor, timesteps: Tensor, prev_timesteps: Tensor,
@@ -280,7 +342,7 @@ _ddim_step_triton.register_autograd(_ddim_backward, setup_context=_ddim_setup)
 
 def ddim_step(x_t: Tensor, model_output: Tensor, timesteps: Tensor | int, prev_timesteps: Tensor | int,
               alphas_cumprod: Tensor | Any, *, prediction_type: str = "epsilon",
-              final_alpha_cumprod: float | None = None) -> DDIMStepOutput:
+              final_alpha_cumprod: float | None = None, validate: bool | None = None) -> DDIMStepOutput:
     """Deterministic DDIM update (eta = 0) with one timestep per sample.
 
     Sample by sample equal to ``DDIMScheduler.step(model_output[b], timesteps[b], x_t[b], eta=0)``
@@ -299,6 +361,10 @@ def ddim_step(x_t: Tensor, model_output: Tensor, timesteps: Tensor | int, prev_t
         prediction_type: what the model predicts: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
         final_alpha_cumprod: alpha-bar used for negative ``prev_timesteps`` (default: the scheduler's,
             else 1.0, diffusers' ``set_alpha_to_one=True``).
+        validate: check the timestep ranges (ValueError on a bad value). ``None`` (default): on for
+            CPU tensors, off for CUDA tensors, where the check costs a host sync (``True`` opts in;
+            ``FASTDISTILL_VALUE_CHECKS=1`` does it process-wide, see :func:`value_checks_enabled`).
+            Without it an out-of-range timestep reads out of bounds of the schedule.
 
     Returns:
         ``DDIMStepOutput(prev_sample, pred_original_sample)``, a tuple of two tensors shaped like
@@ -312,7 +378,7 @@ def ddim_step(x_t: Tensor, model_output: Tensor, timesteps: Tensor | int, prev_t
     B = x_t.shape[0]
     t = _timesteps(op, "timesteps", timesteps, B, device)
     p = _timesteps(op, "prev_timesteps", prev_timesteps, B, device)
-    _check_timestep_range(op, t, p, ac.shape[0])
+    _check_timestep_range(op, t, p, ac.shape[0], validate)
     backend = dispatch.select_backend(op, x_t, model_output)
     if backend == "triton":
         reject_float64_on_triton(op, x_t, model_output)
@@ -395,7 +461,7 @@ _pd_target_triton.register_autograd(_pd_target_backward, setup_context=_pd_targe
 
 def progressive_distillation_target(z_t: Tensor, z_target: Tensor, alpha_t: Tensor | float,
                                     sigma_t: Tensor | float, alpha_s: Tensor | float,
-                                    sigma_s: Tensor | float) -> PDTarget:
+                                    sigma_s: Tensor | float, *, validate: bool | None = None) -> PDTarget:
     """Targets of progressive distillation (Salimans & Ho 2022; RDD's ``diffusion.py``).
 
     With ``frac = sigma_s / sigma_t``::
@@ -411,6 +477,9 @@ def progressive_distillation_target(z_t: Tensor, z_target: Tensor, alpha_t: Tens
         z_target: (B, ...) the teacher's result at time s (same shape).
         alpha_t, sigma_t, alpha_s, sigma_s: per-sample signal/noise scales (``alpha = sqrt(abar)``,
             ``sigma = sqrt(1 - abar)``): numbers, 0-d or (B,) tensors; sigma_t > 0 and s != t.
+        validate: check sigma_t > 0 and s != t (ValueError otherwise). ``None`` (default): on for CPU
+            tensors, off for CUDA tensors, where it costs a host sync; ``True`` opts in (or
+            ``FASTDISTILL_VALUE_CHECKS=1``, see :func:`value_checks_enabled`).
 
     Returns:
         ``PDTarget(x_target, eps_target)`` shaped like ``z_t``, computed in fp32. Differentiable with
@@ -430,7 +499,7 @@ def progressive_distillation_target(z_t: Tensor, z_target: Tensor, alpha_t: Tens
         (same_time,
          lambda: "alpha_s*sigma_t == sigma_s*alpha_t for some sample, i.e. s == t: the target is undefined "
                  "(the two times must differ)"),
-    ])
+    ], validate)
     backend = dispatch.select_backend(op, z_t, z_target)
     if backend == "triton":
         reject_float64_on_triton(op, z_t, z_target)
@@ -497,7 +566,7 @@ _pd_loss_triton.register_autograd(_pd_loss_backward, setup_context=_pd_loss_setu
 
 
 def pd_loss(x_student: Tensor, x_target: Tensor, eps_target: Tensor, z_t: Tensor, alpha_t: Tensor | float,
-            sigma_t: Tensor | float) -> Tensor:
+            sigma_t: Tensor | float, *, validate: bool | None = None) -> Tensor:
     """Truncated-SNR loss of progressive distillation: ``mean_b max(MSE_b(x_S, x~), MSE_b(eps_S, eps~))``.
 
     ``eps_S = (z_t - alpha_t x_S) / sigma_t`` is the student's implied noise; MSE_b averages over the
@@ -508,6 +577,9 @@ def pd_loss(x_student: Tensor, x_target: Tensor, eps_target: Tensor, z_t: Tensor
         x_target, eps_target: (B, ...) the targets of :func:`progressive_distillation_target`.
         z_t: (B, ...) the noisy input.
         alpha_t, sigma_t: per-sample scales at t (numbers, 0-d or (B,) tensors); sigma_t > 0.
+        validate: check sigma_t > 0 (ValueError otherwise). ``None`` (default): on for CPU tensors,
+            off for CUDA tensors, where it costs a host sync; ``True`` opts in (or
+            ``FASTDISTILL_VALUE_CHECKS=1``, see :func:`value_checks_enabled`).
 
     Returns:
         A 0-d fp32 tensor (fp64 on the reference backend with fp64 inputs). Only ``x_student``
@@ -522,7 +594,7 @@ def pd_loss(x_student: Tensor, x_target: Tensor, eps_target: Tensor, z_t: Tensor
     B = x_student.shape[0]
     a = per_sample(op, "alpha_t", alpha_t, B, device)
     s = per_sample(op, "sigma_t", sigma_t, B, device)
-    raise_on_bad_values(op, device, [not_positive("sigma_t", s)])
+    raise_on_bad_values(op, device, [not_positive("sigma_t", s)], validate)
     backend = dispatch.select_backend(op, x_student, x_target, eps_target, z_t)
     if backend == "triton":
         reject_float64_on_triton(op, x_student, x_target, eps_target, z_t)

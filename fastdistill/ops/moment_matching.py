@@ -78,7 +78,17 @@ def philox_randn(seed: int, numel: int, device: torch.device | str = "cpu") -> T
     (contiguous) z_s draws ``randn(seed, i)``, Triton's Philox4x32-10 (counter ``(i_lo, i_hi, 0, 0)``,
     key ``(seed, 0)``) followed by its uint->uniform map and the Box-Muller cosine branch. Integer bits
     match Triton exactly; the fp32 ``log``/``cos`` may differ from the GPU's by a few ulps.
+
+    It runs as the opaque custom op ``torch.ops.fastdistill.philox_randn`` (with a fake kernel), so
+    ``torch.compile`` (inductor) calls it as one extern kernel instead of lowering the ten unrolled
+    Philox rounds (which took inductor over 500 s); the values are the same compiled or not.
     """
+    return _philox_randn_op(seed, numel, torch.device(device))
+
+
+@torch.library.custom_op("fastdistill::philox_randn", mutates_args=())
+def _philox_randn_op(seed: int, numel: int, device: torch.device) -> Tensor:
+    """The body of :func:`philox_randn` (plain PyTorch, int64 arithmetic on uint32 values)."""
     idx = torch.arange(numel, dtype=torch.int64, device=device)
     c0 = idx & _MASK32
     c1 = (idx >> 32) & _MASK32
@@ -103,6 +113,11 @@ def philox_randn(seed: int, numel: int, device: torch.device | str = "cpu") -> T
     return r * torch.cos(torch.tensor(6.283185307179586, dtype=torch.float32) * u2)
 
 
+@_philox_randn_op.register_fake
+def _(seed, numel, device):
+    return torch.empty((numel,), dtype=torch.float32, device=device)
+
+
 def _draw_seed(op: str, seed: int | None, generator: torch.Generator | None) -> int:
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -114,8 +129,10 @@ def _draw_seed(op: str, seed: int | None, generator: torch.Generator | None) -> 
         return seed
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{op}: generator must be a torch.Generator, got {type(generator).__name__}")
-    device = generator.device if generator is not None else torch.device("cpu")
-    return int(torch.randint(0, _SEED_LIMIT, (1,), generator=generator, device=device).item())
+    # Host-side: a CPU draw, or the state of a CUDA generator (no device read, no sync).
+    from .diffusion_steps import draw_seed
+
+    return draw_seed(generator, _SEED_LIMIT)
 
 
 # ============================================================================ posterior_sample
@@ -233,13 +250,19 @@ def posterior_sample(z_t: Tensor, x_pred: Tensor, alpha_t: Tensor | float, sigma
         alpha_t, sigma_t, alpha_s, sigma_s: per-sample scales (numbers, 0-d or (B,) tensors), computed
             in fp32. Need ``sigma_t > 0`` and ``alpha_s > 0``; ``sigma_s = 0`` gives ``z_s = alpha_s x_pred``.
         mode: ``"ancestral"`` or ``"ddim"``.
-        generator: the ``torch.Generator`` the noise seed is drawn from (default: torch's global one).
+        generator: the ``torch.Generator`` the noise seed is drawn from (default: torch's global CPU
+            one). No host sync either way: a CPU generator draws on the host; a CUDA generator's seed
+            is derived from its host-side state (seed, Philox offset), which then advances
+            (:func:`fastdistill.ops.diffusion_steps.draw_seed`): the same generator state gives the same noise.
         seed: an explicit Philox seed in ``[0, 2**31 - 1)`` instead of a generator (use it under
             ``torch.compile``: drawing a seed reads a value to the host).
 
     The noise of element ``i`` of the flattened z_s is ``philox_randn(seed)[i]``: every backend draws the
     same noise for the same seed (to a few fp32 ulps). Returns a tensor of ``promote(z_t, x_pred)`` dtype.
     Differentiable in ``x_pred`` (``c_x``) and ``z_t`` (``c_z``); the coefficients are constants.
+    Under ``torch.compile`` (inductor, ``fullgraph=True``) the reference noise is the opaque op
+    ``fastdistill::philox_randn`` (compiles in seconds, same values); without ``seed`` under
+    ``fullgraph=True``, set ``torch._dynamo.config.capture_scalar_outputs = True`` for the seed draw.
     """
     op = "posterior_sample"
     B, device = _check_pair_inputs(op, z_t=z_t, x_pred=x_pred)
@@ -536,7 +559,7 @@ def _three_d(x: Tensor, weight: Tensor | None, red: tuple[int, ...]):
 
 
 def moment_statistics(x: Tensor, *, dims: int | Sequence[int] | None, weight: Tensor | None = None,
-                      correction: int = 0, keepdim: bool = False, process_group="world") -> MomentStatistics:
+                      correction: int = 0, keepdim: bool = False, process_group=None) -> MomentStatistics:
     """Mean and variance of ``x`` over ``dims``, in one read, numerically stable, differentiable.
 
     ``mean = sum(w x) / W`` and ``var = sum(w (x - mean)^2) / (W - correction)`` over the reduced dims,
@@ -552,10 +575,11 @@ def moment_statistics(x: Tensor, *, dims: int | Sequence[int] | None, weight: Te
             differentiable too.
         correction: subtracted from W in the variance's denominator (0: population, 1: Bessel).
         keepdim: keep the reduced dims as size 1.
-        process_group: ``"world"`` (default; fastdistill.distributed.WORLD), ``None`` or a group: with an
-            active group the per-rank triples are merged across ranks (Chan, autograd-aware) so every
-            rank gets the global moments of the kept indices; meaningful when ``dims`` includes the
-            batch dim.
+        process_group: ``None`` (default): this rank's moments, no collective.
+            ``fastdistill.distributed.WORLD`` (``"world"``) or a ProcessGroup: the per-rank triples are
+            merged across ranks (Chan, autograd-aware) so every rank gets the global moments of the kept
+            indices (every rank must call); meaningful when ``dims`` includes the batch dim. See
+            docs/distributed.md.
 
     Returns:
         ``MomentStatistics(mean, var)`` in fp32 (fp64 for fp64 input), of the kept dims' shape.

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from .._validation import check_choice, check_positive, check_same_device, check_tensor
-from .relational_kl import WORLD, gather_rows, l2_normalize, relational_kl_core
+from ..distributed import gather_rows
+from .diffusion_steps import value_checks_enabled
+from .relational_kl import l2_normalize, relational_kl_core
 
 dispatch.register_op("fused_rdd_loss", ["triton"])
 dispatch.register_op("memory_p2p_loss", ["triton"])
@@ -103,7 +105,7 @@ def pixels(x: torch.Tensor, backend: str = "reference") -> torch.Tensor:
 
 
 def fused_rdd_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0,
-                   pairs: str = "all", process_group=WORLD) -> torch.Tensor:
+                   pairs: str = "all", process_group=None) -> torch.Tensor:
     """RDD's pixel-to-pixel relational KL (official ``Intra_sample_p2p_loss`` without its ``factor``).
 
     Both maps are L2-normalised per pixel over channels. For every ordered sample pair ``(b, d)``
@@ -119,8 +121,10 @@ def fused_rdd_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature:
         temperature: ``tau`` (> 0), the official ``temperature``.
         pairs: ``"all"`` (official; every ``(b, d)``) or ``"intra"`` (only ``b = d``, the official
             ``IntraImageMiniBatch``: sum / ``(B*P)``).
-        process_group: ``"world"`` (default), a ProcessGroup or ``None``; with an active group the maps
-            are all-gathered over ranks (autograd-aware) and the global-batch loss is returned.
+        process_group: ``None`` (default, as the official code): the pairs of this rank's batch only, no
+            collective. ``fastdistill.distributed.WORLD`` (``"world"``) or a ProcessGroup: the maps are
+            all-gathered over ranks (autograd-aware) and the global-batch loss (all pairs across ranks) is
+            returned on every rank; every rank must call. See docs/distributed.md.
 
     Returns:
         fp32 scalar.
@@ -129,7 +133,7 @@ def fused_rdd_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature:
     _check_maps(op, student, teacher)
     check_positive(op, "temperature", temperature)
     check_choice(op, "pairs", pairs, ("all", "intra"))
-    student, teacher = gather_rows([student, teacher.detach()], process_group, op)
+    student, teacher = gather_rows([student, teacher.detach()], process_group)
     backend = dispatch.select_backend(op, student, teacher)
     B, _, H, W = student.shape
     P = H * W
@@ -145,7 +149,7 @@ def fused_rdd_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature:
 
 def memory_p2p_loss(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Tensor, *,
                     index: torch.Tensor | None = None, temperature: float = 0.1, kd_temperature: float = 1.0,
-                    check_index: bool = True) -> torch.Tensor:
+                    check_index: bool | None = None, process_group=None) -> torch.Tensor:
     """RDD's memory pixel-to-pixel term (official ``Memory_p2p_loss`` after projection and enqueue).
 
     Student and teacher maps are L2-normalised per pixel; each pixel ``(b, i)`` is compared with the
@@ -164,7 +168,17 @@ def memory_p2p_loss(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Te
             in ``[0, M)``.
         temperature: ``contrast_temperature`` (> 0).
         kd_temperature: ``contrast_kd_temperature`` (> 0).
-        check_index: verify the index range (one host sync); pass False for an index known to be valid.
+        check_index: verify that the index values lie in ``[0, M)`` (ValueError otherwise). ``None``
+            (default): on for CPU tensors, off for CUDA tensors, where the check costs a host sync;
+            ``True`` opts in there (so does ``FASTDISTILL_VALUE_CHECKS=1``, see
+            :func:`fastdistill.ops.diffusion_steps.value_checks_enabled`), ``False`` skips it. An
+            out-of-range index unchecked reads outside the bank.
+        process_group: ``None`` (default, as the official code): the mean over this rank's pixels.
+            ``fastdistill.distributed.WORLD`` or a ProcessGroup: student and teacher maps are all-gathered
+            (autograd-aware) and the mean over the global batch's pixels is returned on every rank. The
+            rows are independent (each pixel against the shared bank), so under DDP's gradient average both
+            give the same gradient with equal per-rank batches; the group changes the value each rank
+            reports and costs a gather. Every rank must call.
 
     Returns:
         fp32 scalar (without the official ``factor``).
@@ -184,13 +198,14 @@ def memory_p2p_loss(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Te
         check_tensor(op, "index", index, ndim=1, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8))
         if index.numel() == 0:
             raise ValueError(f"{op}: index is empty")
-        if check_index and not torch.compiler.is_compiling():
-            lo, hi = int(index.min()), int(index.max())
+        if value_checks_enabled(index.device, check_index):  # off on CUDA by default: a host sync
+            lo, hi = torch.stack([index.min(), index.max()]).tolist()
             if lo < 0 or hi >= bank.shape[0]:
                 raise ValueError(f"{op}: index values must lie in [0, {bank.shape[0]}); got range [{lo}, {hi}]")
         index = index.to(torch.int64).contiguous()
+    student, teacher = gather_rows([student, teacher.detach()], process_group)
     backend = dispatch.select_backend(op, student, teacher, bank)
-    s, t = pixels(student, backend), pixels(teacher.detach(), backend)
+    s, t = pixels(student, backend), pixels(teacher, backend)
     bank4 = bank.detach().unsqueeze(0).unsqueeze(0)
     scale = 1.0 / (float(temperature) * float(kd_temperature))
     kl = relational_kl_core(s.unsqueeze(0).unsqueeze(0), bank4, t.unsqueeze(0).unsqueeze(0), bank4,

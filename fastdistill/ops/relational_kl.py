@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from .._validation import check_choice, check_positive, check_same_device, check_tensor
+from ..distributed import gather_rows
 
 OP = "relational_kl"
 dispatch.register_op(OP, ["triton"])
@@ -213,43 +214,12 @@ def reduce_kl(kl: torch.Tensor, reduction: str) -> torch.Tensor:
     return kl
 
 
-def gather_rows(tensors: list[torch.Tensor], process_group, op: str) -> list[torch.Tensor]:
-    """All-gather (autograd-aware) every tensor along dim 0 when a process group is active.
-
-    ``process_group`` follows :mod:`fastdistill.distributed`: the default ``"world"`` means the world
-    group when torch.distributed is initialised with more than one rank, ``None`` stays local.
-    Tensors appearing twice (``q is k``) are gathered once and stay identical objects.
-    """
-    if process_group is None:
-        return tensors
-    import torch.distributed as tdist
-
-    if isinstance(process_group, str) and not (tdist.is_available() and tdist.is_initialized()):
-        return tensors  # the default "world" group with no torch.distributed: local
-    from fastdistill import distributed as fd
-
-    group = fd.resolve_group(process_group)
-    if group is None:
-        return tensors
-    out: list[torch.Tensor] = []
-    done: dict[int, torch.Tensor] = {}
-    for t in tensors:
-        if id(t) not in done:
-            done[id(t)] = fd.all_gather_with_grad(t, group)
-        out.append(done[id(t)])
-    return out
-
-
-#: Default of every ``process_group=`` argument (the value fastdistill.distributed.WORLD has).
-WORLD = "world"
-
-
 # ----------------------------------------------------------------------------------------------
 # Public op
 
 def relational_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, *,
                   temperature: float = 1.0, kd_temperature: float = 1.0, segment_size: int | None = None,
-                  normalize: bool = False, reduction: str = "mean", process_group=WORLD) -> torch.Tensor:
+                  normalize: bool = False, reduction: str = "mean", process_group=None) -> torch.Tensor:
     """Relational KL between teacher and student similarity distributions, flash-style.
 
     For each row ``i`` with logits ``l_X[i, j] = <q_X[i], k_X[j]> / temperature`` (X = student S,
@@ -271,10 +241,11 @@ def relational_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
             eps 1e-12), differentiably.
         reduction: ``"mean"`` over all (group, row, segment) entries, ``"sum"``, or ``"none"``: fp32
             ``([G,] N)`` without segments, ``([G,] N, M // segment_size)`` with.
-        process_group: ``"world"`` (default; the world group when torch.distributed is initialised
-            with several ranks, else local), a ProcessGroup, or ``None`` (local). With a group, all four
-            tensors are all-gathered along dim 0 (autograd-aware) and the global-batch loss is returned
-            on every rank; ``segment_size`` must then divide the local ``M``.
+        process_group: ``None`` (default): this rank's rows and keys only, no collective.
+            ``fastdistill.distributed.WORLD`` (``"world"``) or a ProcessGroup: all four tensors are
+            all-gathered along dim 0 (autograd-aware) and the global-batch loss is returned on every rank
+            (every rank must call); ``segment_size`` must then divide the local ``M``. See
+            docs/distributed.md.
 
     Returns:
         The loss (fp32; a scalar unless ``reduction="none"``).
@@ -319,7 +290,7 @@ def relational_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
             raise ValueError(f"{op}: segment_size must be >= 1 and divide the key count M={M}; got {segment_size}")
 
     same = k_s is q_s
-    q_s, k_s, q_t, k_t = gather_rows([q_s, k_s, q_t, k_t], process_group, op)
+    q_s, k_s, q_t, k_t = gather_rows([q_s, k_s, q_t, k_t], process_group)
     M = k_s.shape[-2]
     S = segment_size if segment_size is not None else M
     backend = dispatch.select_backend(op, q_s, k_s, q_t, k_t)

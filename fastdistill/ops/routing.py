@@ -171,7 +171,8 @@ def route_reference(timesteps: torch.Tensor, boundaries: torch.Tensor) -> Routin
     perm = torch.argsort(seg, stable=True)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.shape[0], device=perm.device)
-    counts = torch.bincount(seg, minlength=K + 1)
+    # (K+1, B) comparison instead of bincount: bincount sizes its output from max(seg), a host sync on CUDA.
+    counts = (seg[None, :] == torch.arange(K + 1, device=seg.device)[:, None]).sum(1)
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])[: K + 1]
     return Routing(seg, perm, inv, offsets)
 
@@ -281,8 +282,10 @@ def segment_route(timesteps: torch.Tensor, boundaries: BoundariesArg, *,
     timesteps = _check_timesteps(OP_ROUTE, timesteps)
     values = check_boundaries(OP_ROUTE, boundaries, num_train_timesteps=num_train_timesteps)
     routing = _route(timesteps, boundaries_tensor(values, timesteps.device))
-    if timesteps.device.type == "cpu" and not torch.compiler.is_compiling():
-        routing.host_offsets()  # free on CPU: raises now for out-of-range timesteps
+    from .diffusion_steps import value_checks_enabled
+
+    if value_checks_enabled(timesteps.device):  # on CPU (free there); opt-in on CUDA: a host sync
+        routing.host_offsets()  # raises now for out-of-range timesteps
     return routing
 
 
@@ -375,7 +378,7 @@ def _segment_sums(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
 
 
 def segment_mse(pred: torch.Tensor, target: torch.Tensor, routing: Routing, *, reduction: str = "per_segment",
-                weight: Union[torch.Tensor, float, None] = None, process_group: Any = "world") -> torch.Tensor:
+                weight: Union[torch.Tensor, float, None] = None, process_group: Any = None) -> torch.Tensor:
     """Per-sample MSE normalised per segment, so every student sees a unit-scale gradient.
 
     With ``l_b = w_b * mean((pred[b] - target[b])**2)`` over the non-batch dims and ``n_k`` the
@@ -390,9 +393,11 @@ def segment_mse(pred: torch.Tensor, target: torch.Tensor, routing: Routing, *, r
             (the routing's ``segment_ids`` say which segment each row is in).
         routing: from :func:`segment_route` on this batch's timesteps.
         weight: per-sample weight, a number or ``(B,)`` tensor (constant: it must not require grad).
-        process_group: with an active group (see :mod:`fastdistill.distributed`), ``n_k`` and the
-            sums are all-reduced across ranks, so the value is the global-batch loss on every rank
-            and DDP's gradient average gives the full-batch gradient. ``None``: this rank only.
+        process_group: ``None`` (default): this rank's samples only, no collective.
+            ``fastdistill.distributed.WORLD`` (``"world"``) or a ProcessGroup (see
+            :mod:`fastdistill.distributed`): ``n_k`` and the sums are all-reduced across ranks, so the
+            value is the global-batch loss on every rank and DDP's gradient average gives the
+            full-batch gradient (every rank must call).
 
     Returns the loss in float32 (float64 for float64 inputs); accumulation is in that dtype.
     """
