@@ -18,6 +18,11 @@ tensors ``cpp`` when the op has it, else ``reference``. When an op has fast back
 but none of them can run (Triton missing, extension built without CUDA), the reference runs and a
 :class:`FallbackWarning` saying why is emitted once per op and reason: never a silent slow path.
 
+fp64 (one rule for every op): float64 inputs run on the backends the op declares fp64-native
+(``register_op(..., fp64=...)``; by default only ``reference``, which computes in float64), on every
+device, without a warning: the fast kernels accumulate in fp32 and would silently lose precision.
+Forcing a backend that is not fp64-native on float64 inputs raises :class:`DtypeNotSupportedError`.
+
 Forcing: ``FASTDISTILL_BACKEND=triton`` (or a per-op list, ``relational_kl=triton,segment_route=cpp``)
 or ``with fastdistill.use_backend("reference"):``. A forced backend that the op lacks, or that
 cannot run on the given tensors, raises :class:`BackendUnavailableError` with the reason.
@@ -43,6 +48,10 @@ class BackendUnavailableError(RuntimeError):
     """A forced backend cannot run this op on these tensors (the message says why)."""
 
 
+class DtypeNotSupportedError(BackendUnavailableError, TypeError):
+    """A forced backend does not compute the inputs' dtype (fp64 on an fp32-accumulating kernel)."""
+
+
 class FallbackWarning(UserWarning):
     """An op ran its reference implementation although a faster backend exists for the device."""
 
@@ -53,6 +62,8 @@ class OpSpec:
 
     name: str
     backends: tuple[str, ...]
+    #: Backends that compute float64 inputs in float64 (``reference`` always does).
+    fp64_backends: tuple[str, ...] = ("reference",)
 
 
 _REGISTRY: dict[str, OpSpec] = {}
@@ -62,13 +73,20 @@ _WARNED: set[tuple[str, str]] = set()
 _RECORDERS: list[set[tuple[str, str]]] = []
 
 
-def register_op(name: str, backends: Sequence[str]) -> OpSpec:
-    """Declare op ``name`` and its fast backends (``reference`` is implied and always present)."""
-    unknown = [b for b in backends if b not in BACKENDS]
+def register_op(name: str, backends: Sequence[str], *, fp64: Sequence[str] = ()) -> OpSpec:
+    """Declare op ``name`` and its fast backends (``reference`` is implied and always present).
+
+    ``fp64``: the fast backends that compute float64 inputs in float64 (say, an exact permutation);
+    float64 inputs never run on the others (see the module docstring).
+    """
+    unknown = [b for b in (*backends, *fp64) if b not in BACKENDS]
     if unknown:
         raise ValueError(f"register_op({name!r}): unknown backend(s) {unknown}; known: {BACKENDS}")
     ordered = tuple(b for b in backends if b != "reference") + ("reference",)
-    spec = OpSpec(name, ordered)
+    not_declared = [b for b in fp64 if b not in ordered]
+    if not_declared:
+        raise ValueError(f"register_op({name!r}): fp64 backend(s) {not_declared} are not among {ordered}")
+    spec = OpSpec(name, ordered, tuple(b for b in ordered if b in fp64 or b == "reference"))
     if name in _REGISTRY and _REGISTRY[name] != spec:
         raise ValueError(f"op {name!r} is already registered with backends {_REGISTRY[name].backends}")
     _REGISTRY[name] = spec
@@ -173,23 +191,33 @@ def _device_of(tensors: Sequence[torch.Tensor | None]) -> torch.device:
     return devices.pop()
 
 
-def select_backend(op: str, *tensors: torch.Tensor | None, device: torch.device | str | None = None) -> str:
+def select_backend(op: str, *tensors: torch.Tensor | None, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> str:
     """Pick the backend that runs ``op`` on ``tensors`` (see the module docstring for the rules).
 
-    ``device`` names the device when the op has no tensor arguments to infer it from.
+    ``device`` names the device when the op has no tensor arguments to infer it from; ``dtype`` the
+    compute dtype when it is not that of the tensors given (float64 anywhere among them, or as
+    ``dtype``, selects an fp64-native backend).
     """
-    backend = _select(op, tensors, device)
+    backend = _select(op, tensors, device, dtype)
     for seen in _RECORDERS:
         seen.add((op, backend))
     return backend
 
 
-def _select(op: str, tensors: Sequence[torch.Tensor | None], device: torch.device | str | None) -> str:
+def _is_fp64(tensors: Sequence[torch.Tensor | None], dtype: torch.dtype | None) -> bool:
+    return dtype == torch.float64 or any(
+        isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors)
+
+
+def _select(op: str, tensors: Sequence[torch.Tensor | None], device: torch.device | str | None,
+            dtype: torch.dtype | None = None) -> str:
     try:
         spec = _REGISTRY[op]
     except KeyError:
         raise KeyError(f"fastdistill op {op!r} was never registered with dispatch.register_op") from None
     device = torch.device(device) if device is not None else _device_of(tensors)
+    fp64 = _is_fp64(tensors, dtype)
     forced = forced_backend(op)
     if forced is not None:
         if forced not in spec.backends:
@@ -197,11 +225,17 @@ def _select(op: str, tensors: Sequence[torch.Tensor | None], device: torch.devic
                 f"{op}: backend {forced!r} was forced, but {op} has no {forced} implementation "
                 f"(it has: {', '.join(spec.backends)})"
             )
+        if fp64 and forced not in spec.fp64_backends:
+            raise DtypeNotSupportedError(
+                f"{op}: backend {forced!r} was forced, but it accumulates in fp32 and does not take float64 "
+                f"inputs; float64 runs on {', '.join(spec.fp64_backends)} (automatic dispatch picks it, or "
+                f"`with fastdistill.use_backend('reference'):`)")
         reason = why_unavailable(forced, device)
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend {forced!r} was forced but cannot run: {reason}")
         return forced
-    fast = [b for b in spec.backends if b in _FAST_ON.get(device.type, ())]
+    candidates = spec.fp64_backends if fp64 else spec.backends
+    fast = [b for b in candidates if b in _FAST_ON.get(device.type, ())]
     reasons = []
     for backend in fast:
         reason = why_unavailable(backend, device)

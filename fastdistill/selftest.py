@@ -507,7 +507,9 @@ def _moment_dot(c: Case) -> None:
     a = _tensor_list(c, shapes, grad=True)
     # b correlated with a (terms of one sign): a relative bound on the sum is then meaningful
     b = [(t.detach().float() * (c.rand(*t.shape) + 0.5)).to(c.dtype).requires_grad_() for t in a]
-    v = _tensor_list(c, shapes, dtype=torch.float32, positive=True, grad=True)
+    # fp32 second moments against 16-bit gradients (as optimizers keep them); fp64 stays fp64 throughout
+    v = _tensor_list(c, shapes, dtype=torch.float64 if c.dtype == torch.float64 else torch.float32,
+                     positive=True, grad=True)
 
     def fn(a: Any, b: Any, v: Any) -> Any:
         return fastdistill.moment_dot(a, b, v, eps=1e-3)

@@ -20,8 +20,9 @@ from torch import Tensor
 
 from .. import dispatch
 from .._validation import check_positive, check_same_device, check_tensor
+from ._common import autocast_op
 from .diffusion_steps import (_as_rows, bcast, check_batched, check_batched_pair, compute_dtype, draw_seed,
-                              host_to_device, reject_float64_on_triton)
+                              host_to_device)
 
 dispatch.register_op("gradient_penalty", ["triton"])
 dispatch.register_op("adversarial_losses", ["triton"])
@@ -80,6 +81,7 @@ def _draw_seed(generator: torch.Generator | None) -> int:
     return draw_seed(generator, 2**31 - 1)
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def gan_interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None, *,
                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """``x_hat[b] = alpha_b real[b] + (1 - alpha_b) fake[b]``; returns ``(x_hat, alpha)``.
@@ -101,7 +103,6 @@ def gan_interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None, *,
         alpha = alpha.reshape(B)
     backend = dispatch.select_backend(op, real, fake)
     if backend == "triton":
-        reject_float64_on_triton(op, real, fake)
         x, a = _interp_triton(_as_rows(real), _as_rows(fake),
                               alpha.detach().float().contiguous() if alpha is not None else None,
                               _draw_seed(generator) if alpha is None else 0)
@@ -159,6 +160,7 @@ def _gp_backward(ctx, go, _gnorms):
 _gp_triton.register_autograd(_gp_backward, setup_context=_gp_setup)
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def gradient_norm_penalty(grads: Tensor, weight: float = 1.0) -> Tensor:
     """``weight * mean_b (||grads_b||_2 - 1)^2`` over the flattened per-sample gradients (B, ...).
 
@@ -170,7 +172,6 @@ def gradient_norm_penalty(grads: Tensor, weight: float = 1.0) -> Tensor:
     weight = check_positive(op, "weight", weight, allow_zero=True)
     backend = dispatch.select_backend(op, grads)
     if backend == "triton":
-        reject_float64_on_triton(op, grads)
         loss, _ = _gp_triton(_as_rows(grads), weight)
         return loss
     g = grads.to(compute_dtype(grads.dtype)).reshape(grads.shape[0], -1)
@@ -209,11 +210,22 @@ def gradient_penalty(discriminator: Callable[..., Tensor], real: Tensor, fake: T
     weight = check_positive(op, "weight", weight, allow_zero=True)
     with torch.enable_grad():
         x_hat, _ = gan_interpolate(real, fake, alpha, generator=generator)
-        grads = _discriminator_input_grad(discriminator, x_hat, conditions)
+        grads = _eager_discriminator_input_grad()(discriminator, x_hat, conditions)
         return gradient_norm_penalty(grads, weight)
 
 
-@torch.compiler.disable
+_EAGER_INPUT_GRAD: list[Callable[..., Tensor]] = []
+
+
+def _eager_discriminator_input_grad() -> Callable[..., Tensor]:
+    """:func:`_discriminator_input_grad` under ``torch.compiler.disable``, wrapped on first use: the
+    decorator imports ``torch._dynamo`` (and with it triton), which must not happen when fastdistill is
+    imported (``TRITON_INTERPRET`` may still be set after that, e.g. by ``fastdistill selftest``)."""
+    if not _EAGER_INPUT_GRAD:
+        _EAGER_INPUT_GRAD.append(torch.compiler.disable(_discriminator_input_grad))
+    return _EAGER_INPUT_GRAD[0]
+
+
 def _discriminator_input_grad(discriminator: Callable[..., Tensor], x_hat: Tensor, conditions: tuple) -> Tensor:
     """``d sum(D(x_hat, *conditions)) / d x_hat`` with ``create_graph=True``: the ``torch.compile`` boundary.
 
@@ -298,6 +310,7 @@ def _adv_backward(ctx, gout):
 _adv_triton.register_autograd(_adv_backward, setup_context=_adv_setup)
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def adversarial_losses(real_logits: Tensor | None, fake_logits: Tensor) -> AdversarialLosses:
     """Softplus (logistic, non-saturating) GAN losses of Adv-KD, in one launch.
 
@@ -320,7 +333,6 @@ def adversarial_losses(real_logits: Tensor | None, fake_logits: Tensor) -> Adver
     check_same_device(op, real_logits=real_logits, fake_logits=fake_logits)
     backend = dispatch.select_backend(op, real_logits, fake_logits)
     if backend == "triton":
-        reject_float64_on_triton(op, real_logits, fake_logits)
         out = _adv_triton(real_logits.reshape(-1).contiguous() if real_logits is not None else None,
                           fake_logits.reshape(-1).contiguous())
         return AdversarialLosses(out[0], out[1])

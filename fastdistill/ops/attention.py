@@ -25,6 +25,7 @@ import torch
 
 from .. import dispatch
 from .._validation import check_choice, check_same_device, check_tensor
+from ._common import autocast_device_type, autocast_op, no_autocast
 
 OP = "fused_attention"
 LAYOUTS = ("bhld", "blhd")
@@ -48,7 +49,8 @@ def _check_inputs(q: object, k: object, v: object, scale: object, attn_mask: obj
     assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
     check_same_device(OP, q=q, k=k, v=v, attn_mask=attn_mask if isinstance(attn_mask, torch.Tensor) else None)
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{OP}: q, k and v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+        raise TypeError(f"{OP}: q, k and v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype} "
+                        f"(as in F.scaled_dot_product_attention; under torch.autocast they are cast to its dtype)")
     axes = "(B, H, L, D)" if layout == "bhld" else "(B, L, H, D)"
     B, H, Lq, D = _dims(q, layout)
     Bk, Hk, Lk, Dk = _dims(k, layout)
@@ -136,8 +138,7 @@ def _kernel_limits(q: torch.Tensor, attn_mask: object, layout: str) -> Optional[
         return f"head dim {D} > {MAX_HEAD_DIM}, the Triton kernel's limit"
     if isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad and torch.is_grad_enabled():
         return "attn_mask requires grad and the Triton kernel computes no mask gradient"
-    if q.dtype not in TRITON_DTYPES:
-        return f"the Triton kernel takes float16, bfloat16 or float32, not {q.dtype}"
+    # float64 is not a kernel limit but dispatch's rule (fastdistill.dispatch): it runs on the reference.
     return None
 
 
@@ -154,7 +155,8 @@ def triton_fallback_reason(q: torch.Tensor, attn_mask: torch.Tensor | None = Non
     Triton is the backend for it (forced, or chosen automatically on CUDA), else None.
 
     Reasons: head dim above :data:`MAX_HEAD_DIM`; an ``attn_mask`` that requires grad while grad
-    mode is on (the kernel computes no mask gradient); a dtype other than float16/bfloat16/float32.
+    mode is on (the kernel computes no mask gradient). (float64 inputs run on the reference by the
+    library-wide dtype rule of :mod:`fastdistill.dispatch`, with no warning.)
     Used by :class:`fastdistill.diffusers.FusedAttnProcessor` to route such calls to SDPA.
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
@@ -207,13 +209,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, attn_mask = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, attn_mask, ctx.scale, ctx.layout)
+    with no_autocast(autocast_device_type(grad_out)):  # a backward run inside the caller's autocast block
+        dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, attn_mask, ctx.scale, ctx.layout)
     return dq, dk, dv, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@autocast_op("lower", "q", "k", "v", "attn_mask")
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                     attn_mask: torch.Tensor | None = None, layout: str = "bhld") -> torch.Tensor:
     """Softmax attention ``softmax(scale * q k^T + attn_mask) v``, FlashAttention-style.
@@ -233,6 +237,10 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     Returns:
         ``out`` with ``q``'s shape and dtype (contiguous on the Triton backend).
 
+    Autocast: like SDPA, inside ``torch.autocast(device_type, dtype=X)`` ``q``, ``k``, ``v`` and a float
+    ``attn_mask`` are cast to ``X`` (fp64 is not) and the output is ``X``; mixed q/k/v dtypes are accepted
+    there (a TypeError outside autocast, as in SDPA). See :mod:`fastdistill.ops._common`.
+
     Head dims: the Triton kernel takes 1..256 (any size; 40, 64, 80, 128, 160 and 256 are the UNet
     ones); larger head dims run the reference (see below). Dtypes: float16 and bfloat16 (the fast
     path), float32 (TF32 dots on NVIDIA GPUs), float64 on the reference backend.
@@ -242,17 +250,16 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     run the reference, since the Triton kernel computes no mask gradient.
 
     Fallback: when the backend is chosen automatically and the Triton kernel cannot take the call
-    (:func:`triton_fallback_reason`: head dim > 256, a mask that requires grad, float64), the reference
+    (:func:`triton_fallback_reason`: head dim > 256, a mask that requires grad), the reference
     runs and a :class:`fastdistill.dispatch.FallbackWarning` names the reason once per reason. With
     ``triton`` forced (``use_backend("triton")``) the call raises
-    :class:`fastdistill.dispatch.BackendUnavailableError` (``TypeError`` for float64).
+    :class:`fastdistill.dispatch.BackendUnavailableError`. float64 inputs run on the reference (the
+    library's dtype rule, no warning); forcing ``triton`` on them raises
+    :class:`fastdistill.dispatch.DtypeNotSupportedError`, a ``TypeError``.
     """
     scale_f, mask = _check_inputs(q, k, v, scale, attn_mask, layout)
     limit = _kernel_limits(q, attn_mask, layout) if _triton_would_run(q.device) else None
     if limit is not None and dispatch.forced_backend(OP) == "triton":
-        if q.dtype not in TRITON_DTYPES:
-            raise TypeError(f"{OP}: the triton backend takes float16, bfloat16 or float32 inputs, got {q.dtype}; "
-                            f"run float64 with fastdistill.use_backend('reference')")
         raise dispatch.BackendUnavailableError(
             f"{OP}: backend 'triton' was forced but cannot run this call: {limit}; use the reference backend "
             f"(fastdistill.use_backend('reference')) or automatic dispatch, which falls back with a warning")

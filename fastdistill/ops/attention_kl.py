@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from .._validation import check_choice, check_positive, check_same_device, check_tensor
+from ._common import autocast_op
 from .relational_kl import reduce_kl, relational_kl_core
 
 OP = "attention_kl"
@@ -28,6 +29,7 @@ def _scale(op: str, name: str, value: float | None, d: int) -> float:
     return check_positive(op, name, value)
 
 
+@autocast_op("lower", "q_s", "k_s", "q_t", "k_t")
 def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, *,
                  scale_s: float | None = None, scale_t: float | None = None, reduction: str = "mean"
                  ) -> torch.Tensor:
@@ -44,7 +46,8 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
         reduction: ``"mean"`` over the ``B*H*Lq`` query rows, ``"sum"``, or ``"none"`` (fp32 ``(B, H, Lq)``).
 
     Returns:
-        fp32 loss. Inputs fp32/fp16/bf16 with any strides; fp32 accumulation.
+        fp32 loss. Inputs fp32/fp16/bf16 with any strides; fp32 accumulation. Under ``torch.autocast``
+        the four inputs are cast to the autocast dtype first, as ``matmul`` casts (:mod:`fastdistill.ops._common`).
     """
     op = OP
     for name, t in (("q_s", q_s), ("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):

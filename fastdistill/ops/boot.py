@@ -16,8 +16,9 @@ from torch import Tensor
 
 from .. import dispatch
 from .._validation import check_choice, check_same_device, check_same_shape, check_tensor
+from ._common import autocast_op
 from .diffusion_steps import (PREDICTION_TYPES, _PRED_CODE, _as_rows, check_batched, compute_dtype, not_positive,
-                              per_sample, raise_on_bad_values, reject_float64_on_triton)
+                              per_sample, raise_on_bad_values)
 
 dispatch.register_op("boot_loss", ["triton"])
 
@@ -96,6 +97,7 @@ def _boot_backward(ctx, go, _ggrad):
 _boot_loss_triton.register_autograd(_boot_backward, setup_context=_boot_setup)
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def boot_loss(y_s: Tensor, y_t: Tensor, teacher_output: Tensor, *, x_t: Tensor | None = None,
               alpha_t: Tensor | float, sigma_t: Tensor | float, alpha_s: Tensor | float, sigma_s: Tensor | float,
               weight: Tensor | float | None = None, prediction_type: str = "epsilon",
@@ -159,7 +161,6 @@ def boot_loss(y_s: Tensor, y_t: Tensor, teacher_output: Tensor, *, x_t: Tensor |
     ], validate)
     backend = dispatch.select_backend(op, y_s, y_t, teacher_output, x_t, teacher_output_uncond)
     if backend == "triton":
-        reject_float64_on_triton(op, y_s, y_t, teacher_output, x_t, teacher_output_uncond)
         rows = lambda t: _as_rows(t.detach()) if t is not None else None  # noqa: E731
         need_grad = y_s.requires_grad and torch.is_grad_enabled()
         loss, _ = _boot_loss_triton(_as_rows(y_s), rows(y_t), rows(teacher_output), rows(teacher_output_uncond),

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .. import dispatch
 from .._validation import check_choice, check_same_device, check_same_shape, check_tensor
+from ._common import autocast_op
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 _PRED_CODE = {"epsilon": 0, "sample": 1, "v_prediction": 2}
@@ -198,13 +199,6 @@ def not_positive(name: str, v: Tensor) -> Check:
     return lambda: ~(v > 0).all(), lambda: f"{name} must be > 0 for every sample, got min {v.min().item():.6g}"
 
 
-def reject_float64_on_triton(op: str, *tensors: Tensor) -> None:
-    """The Triton kernels compute in fp32: fp64 inputs there would silently lose precision."""
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        raise TypeError(f"{op}: the triton backend computes in float32 and takes float32/bfloat16/float16 "
-                        f"inputs; for float64 use `with fastdistill.use_backend('reference'):`")
-
-
 def _as_rows(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).contiguous()
 
@@ -340,6 +334,7 @@ def _ddim_backward(ctx, g_prev, g_x0):
 _ddim_step_triton.register_autograd(_ddim_backward, setup_context=_ddim_setup)
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def ddim_step(x_t: Tensor, model_output: Tensor, timesteps: Tensor | int, prev_timesteps: Tensor | int,
               alphas_cumprod: Tensor | Any, *, prediction_type: str = "epsilon",
               final_alpha_cumprod: float | None = None, validate: bool | None = None) -> DDIMStepOutput:
@@ -381,7 +376,6 @@ def ddim_step(x_t: Tensor, model_output: Tensor, timesteps: Tensor | int, prev_t
     _check_timestep_range(op, t, p, ac.shape[0], validate)
     backend = dispatch.select_backend(op, x_t, model_output)
     if backend == "triton":
-        reject_float64_on_triton(op, x_t, model_output)
         prev, x0 = _ddim_step_triton(_as_rows(x_t), _as_rows(model_output), t, p, ac.float().contiguous(), final,
                                      _PRED_CODE[prediction_type])
         return DDIMStepOutput(prev.reshape(x_t.shape), x0.reshape(x_t.shape))
@@ -459,6 +453,7 @@ def _pd_target_backward(ctx, gx, ge):
 _pd_target_triton.register_autograd(_pd_target_backward, setup_context=_pd_target_setup)
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def progressive_distillation_target(z_t: Tensor, z_target: Tensor, alpha_t: Tensor | float,
                                     sigma_t: Tensor | float, alpha_s: Tensor | float,
                                     sigma_s: Tensor | float, *, validate: bool | None = None) -> PDTarget:
@@ -502,7 +497,6 @@ def progressive_distillation_target(z_t: Tensor, z_target: Tensor, alpha_t: Tens
     ], validate)
     backend = dispatch.select_backend(op, z_t, z_target)
     if backend == "triton":
-        reject_float64_on_triton(op, z_t, z_target)
         x, e = _pd_target_triton(_as_rows(z_t), _as_rows(z_target), at.float(), st.float(), as_.float(), ss.float())
         return PDTarget(x.reshape(z_t.shape), e.reshape(z_t.shape))
     return progressive_distillation_target_reference(z_t, z_target, at, st, as_, ss)
@@ -565,6 +559,7 @@ def _pd_loss_backward(ctx, go, _gsel):
 _pd_loss_triton.register_autograd(_pd_loss_backward, setup_context=_pd_loss_setup)
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def pd_loss(x_student: Tensor, x_target: Tensor, eps_target: Tensor, z_t: Tensor, alpha_t: Tensor | float,
             sigma_t: Tensor | float, *, validate: bool | None = None) -> Tensor:
     """Truncated-SNR loss of progressive distillation: ``mean_b max(MSE_b(x_S, x~), MSE_b(eps_S, eps~))``.
@@ -597,7 +592,6 @@ def pd_loss(x_student: Tensor, x_target: Tensor, eps_target: Tensor, z_t: Tensor
     raise_on_bad_values(op, device, [not_positive("sigma_t", s)], validate)
     backend = dispatch.select_backend(op, x_student, x_target, eps_target, z_t)
     if backend == "triton":
-        reject_float64_on_triton(op, x_student, x_target, eps_target, z_t)
         loss, _ = _pd_loss_triton(_as_rows(x_student), _as_rows(x_target.detach()), _as_rows(eps_target.detach()),
                                   _as_rows(z_t.detach()), a.float(), s.float())
         return loss

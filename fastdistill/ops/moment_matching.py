@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .. import dispatch
 from .._validation import check_choice, check_per_sample, check_same_device, check_tensor
+from ._common import autocast_op
 
 __all__ = [
     "posterior_sample",
@@ -36,10 +37,10 @@ __all__ = [
     "moment_statistics_reference",
 ]
 
-dispatch.register_op("posterior_sample", ["triton"])
-dispatch.register_op("moment_matching_loss", ["triton"])
-dispatch.register_op("auxiliary_denoiser_loss", ["triton"])
-dispatch.register_op("moment_statistics", ["triton"])
+dispatch.register_op("posterior_sample", ["triton"], fp64=["triton"])
+dispatch.register_op("moment_matching_loss", ["triton"], fp64=["triton"])
+dispatch.register_op("auxiliary_denoiser_loss", ["triton"], fp64=["triton"])
+dispatch.register_op("moment_statistics", ["triton"], fp64=["triton"])
 
 _MODES = {"ancestral": 0, "ddim": 1}
 _SEED_LIMIT = 2**31 - 1  # seeds are passed to Triton as int32 scalars
@@ -234,6 +235,7 @@ def _check_pair_inputs(op: str, **tensors: Tensor) -> tuple[int, torch.device]:
     return first.shape[0], device
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def posterior_sample(z_t: Tensor, x_pred: Tensor, alpha_t: Tensor | float, sigma_t: Tensor | float,
                      alpha_s: Tensor | float, sigma_s: Tensor | float, *, mode: str = "ancestral",
                      generator: torch.Generator | None = None, seed: int | None = None) -> Tensor:
@@ -351,6 +353,7 @@ def _need_grad(t: Tensor) -> bool:
     return torch.is_grad_enabled() and t.requires_grad
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def moment_matching_loss(x_student: Tensor, x_aux: Tensor, x_teacher: Tensor, *, weight: Tensor | float | None = None,
                          x_teacher_uncond: Tensor | None = None,
                          guidance_scale: Tensor | float | None = None) -> Tensor:
@@ -393,6 +396,7 @@ def moment_matching_loss(x_student: Tensor, x_aux: Tensor, x_teacher: Tensor, *,
     return loss
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def auxiliary_denoiser_loss(x_aux: Tensor, x_student: Tensor, x_teacher: Tensor, *, teacher_weight: float = 1.0,
                             weight: Tensor | float | None = None) -> Tensor:
     """The auxiliary denoiser's loss ``mean(w (x_student - x_aux)^2) + teacher_weight * mean(w (x_teacher - x_aux)^2)``.
@@ -558,6 +562,7 @@ def _three_d(x: Tensor, weight: Tensor | None, red: tuple[int, ...]):
     return x3, w3, [shape[d] for d in kept]
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def moment_statistics(x: Tensor, *, dims: int | Sequence[int] | None, weight: Tensor | None = None,
                       correction: int = 0, keepdim: bool = False, process_group=None) -> MomentStatistics:
     """Mean and variance of ``x`` over ``dims``, in one read, numerically stable, differentiable.

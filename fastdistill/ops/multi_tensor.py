@@ -23,6 +23,7 @@ import torch
 
 from .. import dispatch
 from .._validation import FLOAT_DTYPES
+from ._common import autocast_op
 
 __all__ = [
     "moment_dot",
@@ -33,9 +34,9 @@ __all__ = [
     "clip_parameters_reference_",
 ]
 
-dispatch.register_op("moment_dot", ["cuda", "cpp"])
-dispatch.register_op("preconditioned_perturb_", ["cuda", "cpp"])
-dispatch.register_op("clip_parameters_", ["cuda", "cpp"])
+dispatch.register_op("moment_dot", ["cuda", "cpp"], fp64=["cuda", "cpp"])
+dispatch.register_op("preconditioned_perturb_", ["cuda", "cpp"], fp64=["cuda", "cpp"])
+dispatch.register_op("clip_parameters_", ["cuda", "cpp"], fp64=["cuda", "cpp"])
 
 TensorList = Sequence[torch.Tensor]
 
@@ -237,6 +238,7 @@ if _CLIP is not None:
 
 # ----------------------------------------------------------------------------- public API
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def moment_dot(grads_a: TensorList, grads_b: TensorList, precond: TensorList | None = None, *,
                eps: float = 1e-8) -> torch.Tensor:
     """Preconditioned inner product of two tensor lists, in one multi-tensor launch.
@@ -274,6 +276,7 @@ def moment_dot(grads_a: TensorList, grads_b: TensorList, precond: TensorList | N
     return _DOT(a, b, v, eps)
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def preconditioned_perturb_(params: TensorList, grads: TensorList, precond: TensorList | None = None, *,
                             step: float, eps: float = 1e-8) -> None:
     """In place ``theta_i -= step * g_i / (sqrt(v_i) + eps)`` over every tensor, in one launch.
@@ -323,6 +326,7 @@ def preconditioned_perturb_(params: TensorList, grads: TensorList, precond: Tens
         _PERTURB(p, g, v, step, eps)
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def clip_parameters_(params_or_module: TensorList | torch.nn.Module, bound: float) -> None:
     """Clamp every parameter to ``[-bound, bound]`` in place, in one launch (WGAN weight clipping).
 

@@ -19,6 +19,7 @@ from .. import dispatch
 from .._validation import check_choice, check_positive, check_same_device, check_tensor
 from ..distributed import gather_rows
 from .diffusion_steps import value_checks_enabled
+from ._common import autocast_op
 from .relational_kl import l2_normalize, relational_kl_core
 
 dispatch.register_op("fused_rdd_loss", ["triton"])
@@ -104,6 +105,7 @@ def pixels(x: torch.Tensor, backend: str = "reference") -> torch.Tensor:
     return l2_normalize(x.permute(0, 2, 3, 1).reshape(B * x.shape[2] * x.shape[3], C))
 
 
+@autocast_op("lower", "student", "teacher")
 def fused_rdd_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0,
                    pairs: str = "all", process_group=None) -> torch.Tensor:
     """RDD's pixel-to-pixel relational KL (official ``Intra_sample_p2p_loss`` without its ``factor``).
@@ -127,7 +129,8 @@ def fused_rdd_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature:
             returned on every rank; every rank must call. See docs/distributed.md.
 
     Returns:
-        fp32 scalar.
+        fp32 scalar. Under ``torch.autocast`` both maps are cast to the autocast dtype first (as ``matmul``
+        casts its operands; see :mod:`fastdistill.ops._common`).
     """
     op = "fused_rdd_loss"
     _check_maps(op, student, teacher)
@@ -147,6 +150,7 @@ def fused_rdd_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature:
     return kl.mean()
 
 
+@autocast_op("lower", "student", "teacher", "bank")
 def memory_p2p_loss(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Tensor, *,
                     index: torch.Tensor | None = None, temperature: float = 0.1, kd_temperature: float = 1.0,
                     check_index: bool | None = None, process_group=None) -> torch.Tensor:
@@ -181,7 +185,8 @@ def memory_p2p_loss(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Te
             reports and costs a gather. Every rank must call.
 
     Returns:
-        fp32 scalar (without the official ``factor``).
+        fp32 scalar (without the official ``factor``). Under ``torch.autocast`` the maps and the bank are
+        cast to the autocast dtype first (as ``matmul`` casts; see :mod:`fastdistill.ops._common`).
     """
     op = "memory_p2p_loss"
     _check_maps(op, student, teacher, same_channels=True)
@@ -214,6 +219,7 @@ def memory_p2p_loss(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Te
     return kl.mean() * float(kd_temperature) ** 2
 
 
+@autocast_op("fp32", "student_logits", "teacher_logits")
 def rcfd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 0.9
               ) -> torch.Tensor:
     """RCFD term as RDD's ``diffusion.py`` computes it: ``KL(softmax(z_T / tau) || softmax(z_S))``,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .. import dispatch
 from .._validation import check_choice, check_positive, check_same_device, check_tensor
 from ..distributed import gather_rows
+from ._common import autocast_device_type, autocast_op, no_autocast
 
 OP = "relational_kl"
 dispatch.register_op(OP, ["triton"])
@@ -173,8 +174,9 @@ def _backward(ctx, dkl, _dlse_s, _dlse_t):
     need_dk = ctx.needs_input_grad[1] and k_index is None
     if not (need_dq or need_dk):
         return None, None, None, None, None, None, None, None, None
-    dq, dk = _bwd_op(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t, segment_size,
-                     need_dq, need_dk, backend)
+    with no_autocast(autocast_device_type(dkl)):  # a backward run inside the caller's autocast block
+        dq, dk = _bwd_op(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t, segment_size,
+                         need_dq, need_dk, backend)
     return (dq if need_dq else None, dk if need_dk else None, None, None, None, None, None, None, None)
 
 
@@ -217,6 +219,7 @@ def reduce_kl(kl: torch.Tensor, reduction: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Public op
 
+@autocast_op("lower", "q_s", "k_s", "q_t", "k_t")
 def relational_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, *,
                   temperature: float = 1.0, kd_temperature: float = 1.0, segment_size: int | None = None,
                   normalize: bool = False, reduction: str = "mean", process_group=None) -> torch.Tensor:
@@ -251,6 +254,8 @@ def relational_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
         The loss (fp32; a scalar unless ``reduction="none"``).
 
     Inputs may be fp32, fp16 or bf16 (any strides); accumulation and the log-sum-exps are fp32.
+    Under ``torch.autocast`` the four inputs are cast to the autocast dtype, as ``matmul`` casts (fp64 is
+    not); the loss stays fp32 (see :mod:`fastdistill.ops._common`).
     """
     op = OP
     for name, t in (("q_s", q_s), ("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):

@@ -31,12 +31,13 @@ from torch.utils import _pytree as pytree
 
 from .. import _extension, dispatch
 from .._validation import check_choice, check_per_sample, check_tensor
+from ._common import autocast_op
 
 OP_ROUTE = "segment_route"
 OP_PERMUTE = "segment_permute"
 OP_MSE = "segment_mse"
 for _op in (OP_ROUTE, OP_PERMUTE, OP_MSE):
-    dispatch.register_op(_op, ["cuda", "cpp"])
+    dispatch.register_op(_op, ["cuda", "cpp"], fp64=["cuda", "cpp"])
 
 #: The CUDA counting sort keeps per-warp counters of every segment in shared memory.
 MAX_SEGMENTS = 256
@@ -264,6 +265,7 @@ if _HAVE_OPS:
 # ----------------------------------------------------------------------------------------------
 # Public API
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def segment_route(timesteps: torch.Tensor, boundaries: BoundariesArg, *,
                   num_train_timesteps: Optional[int] = None) -> Routing:
     """Route a batch by timestep: student ``k`` owns ``boundaries[k] <= t < boundaries[k+1]``.
@@ -343,6 +345,7 @@ def _permute(tensors: list[torch.Tensor], index: torch.Tensor, inverse: torch.Te
     return [o.view(t.shape) for o, t in zip(outs, tensors)]
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def segment_gather(routing: Routing, *tensors: Any) -> Any:
     """Reorder batch-major tensors into segment order: ``out[j] = x[routing.permutation[j]]``.
 
@@ -357,6 +360,7 @@ def segment_gather(routing: Routing, *tensors: Any) -> Any:
     return _permute_structures("segment_gather", routing, tensors, routing.permutation, routing.inverse)
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def segment_scatter(routing: Routing, *tensors: Any) -> Any:
     """Put segment-ordered tensors back in batch order: ``out[b] = y[routing.inverse[b]]``.
 
@@ -377,6 +381,7 @@ def _segment_sums(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     return torch.ops.fastdistill.segment_mse_forward(pred, target, weight, segment_ids, num_segments)
 
 
+@autocast_op("none")  # elementwise: nothing cast; the body never sees the caller's autocast
 def segment_mse(pred: torch.Tensor, target: torch.Tensor, routing: Routing, *, reduction: str = "per_segment",
                 weight: Union[torch.Tensor, float, None] = None, process_group: Any = None) -> torch.Tensor:
     """Per-sample MSE normalised per segment, so every student sees a unit-scale gradient.
