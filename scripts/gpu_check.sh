@@ -87,9 +87,24 @@ record() {  # record NAME KEY-NUMBERS
 
 # ------------------------------------------------------------------------------------------ install
 INSTALL_CMD="TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e ."
+# pyproject.toml's SPDX license string needs setuptools >= 77. The GPU image cannot reach PyPI: when its
+# setuptools is older, carry a wheel in .whl/ (git-ignored; /work/.library/device/README.md, Notes): it is
+# put on PYTHONPATH first. The version is printed either way, so an old one is named in the log.
+if ls .whl/setuptools-*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --target /tmp/gpu_check_site .whl/setuptools-*.whl \
+    && export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+cat > "$OUTDIR/check_setuptools.py" <<'PYEOF'
+import sys
+import setuptools
+print("setuptools", setuptools.__version__)
+major = int(setuptools.__version__.split(".")[0])
+sys.exit(0 if major >= 77 else "setuptools >= 77 is needed (SPDX license in pyproject.toml): carry a wheel in .whl/")
+PYEOF
+INSTALL_CMD="$PY $OUTDIR/check_setuptools.py && $INSTALL_CMD"
 if [ $DRY -eq 1 ]; then
   # The command is printed, not run; the tools it needs must be there.
-  stage install "$B_INSTALL" "echo 'would run: $INSTALL_CMD'; $PY -m pip --version && { command -v ninja || $PY -c 'import ninja; print(ninja.__file__)'; } && { command -v nvcc || echo 'nvcc: not on PATH (needed on the GPU machine)'; }"
+  stage install "$B_INSTALL" "echo 'would run: $INSTALL_CMD'; $PY $OUTDIR/check_setuptools.py && $PY -m pip --version && { command -v ninja || $PY -c 'import ninja; print(ninja.__file__)'; } && { command -v nvcc || echo 'nvcc: not on PATH (needed on the GPU machine)'; }"
 else
   stage install "$B_INSTALL" "$INSTALL_CMD"
 fi

@@ -28,7 +28,8 @@ def test_dry_run_writes_every_stage_and_reports_a_timeout(tmp_path):
                        env=env, timeout=900)
     log = p.stdout + p.stderr
     assert p.returncode == 1, log  # a stage timed out: the run is not a pass
-    assert "would run: TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16" in log
+    assert "would run: " in log and "TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16" in log
+    assert "setuptools " in log  # the version the install needs (>= 77) is checked and printed
 
     summary = (out / "summary.txt").read_text()
     assert p.stdout.rstrip().endswith(summary.rstrip()), "the summary table must be printed last"
