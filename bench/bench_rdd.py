@@ -11,7 +11,7 @@ Cases (GPU, bf16, as issue 3 / issue 6 list them):
 On CPU the same cases at tiny sizes (fp32) so that ``pytest bench --benchmark`` runs here; there the
 fastdistill provider is the reference backend and the numbers only show that it runs.
 
-FLOPs (only GEMM FLOPs, anchors.md B.5), with N query rows, M keys, C channels:
+FLOPs (only GEMM FLOPs, 2mnk per (m x k)(k x n) product), with N query rows, M keys, C channels:
 * IS_P2P fwd+bwd: forward 2 x 2NMC (student and teacher logits); backward recomputes both (2 x 2NMC)
   and applies dS.K and dS^T.Q (2 x 2NMC): 12 NMC, with N = M = B*P.
 * memory fwd+bwd: 4 NMC forward, backward recomputes both (4 NMC) and dS.K (2 NMC): 10 NMC (N = B*P, M = 4096).

@@ -215,7 +215,7 @@ def all_gather_with_grad(tensor: torch.Tensor, process_group: ProcessGroupArg = 
         check_sizes: gather the shapes first and raise ``ValueError`` naming every rank's dim-0 size on a
             mismatch (instead of hanging). Costs one tiny extra collective and, for CUDA tensors, a host
             sync. ``None`` (default): on for CPU tensors, off for CUDA tensors (``FASTDISTILL_VALUE_CHECKS=1``
-            turns it on there, see :func:`fastdistill.ops.diffusion_steps.value_checks_enabled`).
+            turns it on there, see :func:`fastdistill.ops._common.value_checks_enabled`).
             Skipped while ``torch.compile`` traces (it would break the graph): compiled code must keep
             sizes equal.
     """
@@ -227,7 +227,7 @@ def all_gather_with_grad(tensor: torch.Tensor, process_group: ProcessGroupArg = 
     if group is None:
         return tensor
     # A host read of the gathered shapes: opt-in on CUDA, skipped under torch.compile (a graph break).
-    from .ops.diffusion_steps import value_checks_enabled
+    from .ops._common import value_checks_enabled
 
     if value_checks_enabled(tensor.device, check_sizes):
         _check_gather_shapes(tensor, group, "all_gather_with_grad")

@@ -44,47 +44,62 @@ from fastdistill.kernels._common import (TL_DTYPE, TileConfig, dot, forced_confi
                                          launch_grid, register_configs, to_dot)
 
 
-@triton.jit
-def _logits(P, K, p_base, k_base, rows, rmask, krow, kmask, sp_n, sp_c, sk_m, sk_c, C, a_res, b_res,
-            A_RES: tl.constexpr, B_RES: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Raw dot products (BLOCK_N, BLOCK_M) of rows of P with rows ``krow`` of K, channels tiled.
+# Operand conventions of the device helpers: operands travel as small tuples, constexpr flags by keyword.
+#   view  ``X = (ptr, base, stride_row, stride_col)``: the (rows, channels) matrix of one (g1, g2) group of a
+#         4-D tensor, ``base`` the int64 offset of that group;
+#   rows  ``R = (idx, mask)``: the int64 row indices of a tile (query rows, or key rows, possibly read through
+#         the index vector) and which of them are valid;
+#   side  ``(q, k, C)``: the query and key views of the student or the teacher and its channel count.
+# ``RES_S`` / ``RES_T`` (the same name in all three kernels, set by the launch heuristics): all student /
+# teacher channels fit one channel tile (C <= BLOCK_C), so the tile a program owns stays resident in registers.
 
-    ``A_RES`` / ``B_RES``: the row tile ``a_res`` (BLOCK_N, BLOCK_C) / the transposed key tile ``b_res``
-    (BLOCK_C, BLOCK_M) is already loaded (only when all channels fit one tile): it stays resident across
+
+@triton.jit
+def _rows_tile(X, R, C, DOT: tl.constexpr, BLOCK_C: tl.constexpr, TRANS: tl.constexpr):
+    """Channels 0..BLOCK_C of rows ``R`` of view ``X`` (C channels), cast to the GEMM dtype, zero outside:
+    (rows, BLOCK_C), or (BLOCK_C, rows) when ``TRANS``. The resident tile of a program when all channels
+    fit one tile."""
+    ptr, base, s_row, s_col = X
+    idx, mask = R
+    cols = tl.arange(0, BLOCK_C)
+    if TRANS:
+        return to_dot(tl.load(ptr + base + idx[None, :] * s_row + cols[:, None].to(tl.int64) * s_col,
+                              mask=mask[None, :] & (cols < C)[:, None], other=0.0), DOT)
+    else:
+        return to_dot(tl.load(ptr + base + idx[:, None] * s_row + cols[None, :].to(tl.int64) * s_col,
+                              mask=mask[:, None] & (cols < C)[None, :], other=0.0), DOT)
+
+
+@triton.jit
+def _logits(side, R, K, a_res, b_res, DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_C: tl.constexpr,
+            A_RES: tl.constexpr, B_RES: tl.constexpr):
+    """Raw dot products ``q[R] . k[K]^T`` (fp32, rows of ``R`` x keys of ``K``) of ``side = (q, k, C)``,
+    channels tiled by ``BLOCK_C``.
+
+    ``A_RES`` / ``B_RES``: the row tile ``a_res`` (rows, BLOCK_C) / the transposed key tile ``b_res``
+    (BLOCK_C, keys) is already loaded (only when all channels fit one tile): it stays resident across
     the loop of the caller instead of being re-read for every tile."""
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    q, k, C = side
+    q_ptr, q_base, q_row, q_col = q
+    k_ptr, k_base, k_row, k_col = k
+    rows, rmask = R
+    krow, kmask = K
+    acc = tl.zeros((rows.shape[0], krow.shape[0]), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cm = cols < C
         if A_RES:
             a = a_res
         else:
-            a = to_dot(tl.load(P + p_base + rows[:, None] * sp_n + cols[None, :].to(tl.int64) * sp_c,
+            a = to_dot(tl.load(q_ptr + q_base + rows[:, None] * q_row + cols[None, :].to(tl.int64) * q_col,
                                mask=rmask[:, None] & cm[None, :], other=0.0), DOT)
         if B_RES:
             b = b_res
         else:
-            b = to_dot(tl.load(K + k_base + krow[None, :] * sk_m + cols[:, None].to(tl.int64) * sk_c,
+            b = to_dot(tl.load(k_ptr + k_base + krow[None, :] * k_row + cols[:, None].to(tl.int64) * k_col,
                                mask=kmask[None, :] & cm[:, None], other=0.0), DOT)
         acc = dot(a, b, acc, PREC)
     return acc
-
-
-@triton.jit
-def _rows_tile(P, p_base, rows, rmask, sp_n, sp_c, C, DOT: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Channels 0..BLOCK_C of the given rows, (rows, BLOCK_C), cast to the GEMM dtype."""
-    cols = tl.arange(0, BLOCK_C)
-    return to_dot(tl.load(P + p_base + rows[:, None] * sp_n + cols[None, :].to(tl.int64) * sp_c,
-                          mask=rmask[:, None] & (cols < C)[None, :], other=0.0), DOT)
-
-
-@triton.jit
-def _rows_tile_t(P, p_base, rows, rmask, sp_n, sp_c, C, DOT: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Transposed: (BLOCK_C, rows)."""
-    cols = tl.arange(0, BLOCK_C)
-    return to_dot(tl.load(P + p_base + rows[None, :] * sp_n + cols[:, None].to(tl.int64) * sp_c,
-                          mask=rmask[None, :] & (cols < C)[:, None], other=0.0), DOT)
 
 
 @triton.jit
@@ -95,7 +110,11 @@ def _key_rows(IDX, j, kmask, HAS_IDX: tl.constexpr):
         return j
 
 
-@triton.heuristics({"RES_S": lambda a: a["CS"] <= a["BLOCK_C"], "RES_T": lambda a: a["CT"] <= a["BLOCK_C"]})
+# Whether all student / teacher channels fit one channel tile (then tiles stay resident in loops).
+_RES = triton.heuristics({"RES_S": lambda a: a["CS"] <= a["BLOCK_C"], "RES_T": lambda a: a["CT"] <= a["BLOCK_C"]})
+
+
+@_RES
 @triton.jit
 def _rkl_fwd_kernel(
     QS, KS, QT, KT, IDX, KL, LSE_S, LSE_T,
@@ -120,14 +139,17 @@ def _rkl_fwd_kernel(
 
     rows = rt * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     rmask = rows < N
+    R = (rows, rmask)
     qs_base = g1 * sqs_g1 + g2 * sqs_g2
     ks_base = g1 * sks_g1 + g2 * sks_g2
     qt_base = g1 * sqt_g1 + g2 * sqt_g2
     kt_base = g1 * skt_g1 + g2 * skt_g2
+    stu = ((QS, qs_base, sqs_n, sqs_c), (KS, ks_base, sks_m, sks_c), CS)
+    tea = ((QT, qt_base, sqt_n, sqt_c), (KT, kt_base, skt_m, skt_c), CT)
 
     # Query tiles that fit one channel tile stay resident for the whole key loop.
-    qs_res = _rows_tile(QS, qs_base, rows, rmask, sqs_n, sqs_c, CS, DOT_S, BLOCK_C) if RES_S else 0.0
-    qt_res = _rows_tile(QT, qt_base, rows, rmask, sqt_n, sqt_c, CT, DOT_T, BLOCK_C) if RES_T else 0.0
+    qs_res = _rows_tile(stu[0], R, CS, DOT=DOT_S, BLOCK_C=BLOCK_C, TRANS=False) if RES_S else 0.0
+    qt_res = _rows_tile(tea[0], R, CT, DOT=DOT_T, BLOCK_C=BLOCK_C, TRANS=False) if RES_T else 0.0
     m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     l_s = tl.zeros((BLOCK_N,), tl.float32)
@@ -137,11 +159,11 @@ def _rkl_fwd_kernel(
         kk = k0 + tl.arange(0, BLOCK_M)
         kmask = kk < S
         j = seg * S + kk.to(tl.int64)
-        krow = _key_rows(IDX, j, kmask, HAS_IDX)
-        s = _logits(QS, KS, qs_base, ks_base, rows, rmask, krow, kmask, sqs_n, sqs_c, sks_m, sks_c, CS,
-                    qs_res, 0.0, RES_S, False, DOT_S, PREC_S, BLOCK_N, BLOCK_M, BLOCK_C) * scale_s
-        t = _logits(QT, KT, qt_base, kt_base, rows, rmask, krow, kmask, sqt_n, sqt_c, skt_m, skt_c, CT,
-                    qt_res, 0.0, RES_T, False, DOT_T, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C) * scale_t
+        K = (_key_rows(IDX, j, kmask, HAS_IDX=HAS_IDX), kmask)
+        s = _logits(stu, R, K, qs_res, 0.0, DOT=DOT_S, PREC=PREC_S, BLOCK_C=BLOCK_C, A_RES=RES_S,
+                    B_RES=False) * scale_s
+        t = _logits(tea, R, K, qt_res, 0.0, DOT=DOT_T, PREC=PREC_T, BLOCK_C=BLOCK_C, A_RES=RES_T,
+                    B_RES=False) * scale_t
         diff = tl.where(kmask[None, :], t - s, 0.0)  # before masking: no inf - inf
         s = tl.where(kmask[None, :], s, float("-inf"))
         t = tl.where(kmask[None, :], t, float("-inf"))
@@ -166,29 +188,27 @@ def _rkl_fwd_kernel(
 
 
 @triton.jit
-def _pdiff(QS, KS, QT, KT, qs_base, ks_base, qt_base, kt_base, rows, rmask, krow, kmask,
-           sqs_n, sqs_c, sks_m, sks_c, sqt_n, sqt_c, skt_m, skt_c, CS, CT, scale_s, scale_t,
-           lse_s, lse_t, w, as_res, bs_res, at_res, bt_res,
-           A_RES_S: tl.constexpr, B_RES_S: tl.constexpr, A_RES_T: tl.constexpr, B_RES_T: tl.constexpr,
-           DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Recomputed ``(p_s - p_t) * w`` for one tile (zero outside the valid rows and keys)."""
-    s = _logits(QS, KS, qs_base, ks_base, rows, rmask, krow, kmask, sqs_n, sqs_c, sks_m, sks_c, CS,
-                as_res, bs_res, A_RES_S, B_RES_S, DOT_S, PREC_S, BLOCK_N, BLOCK_M, BLOCK_C) * scale_s
-    t = _logits(QT, KT, qt_base, kt_base, rows, rmask, krow, kmask, sqt_n, sqt_c, skt_m, skt_c, CT,
-                at_res, bt_res, A_RES_T, B_RES_T, DOT_T, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C) * scale_t
-    valid = rmask[:, None] & kmask[None, :]
+def _pdiff(stu, tea, R, K, scale, lse, w, res_s, res_t, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
+           PREC_S: tl.constexpr, PREC_T: tl.constexpr, BLOCK_C: tl.constexpr, RES_S: tl.constexpr,
+           RES_T: tl.constexpr, RES_KEYS: tl.constexpr):
+    """Recomputed ``(p_s - p_t) * w`` for one tile of rows ``R`` x keys ``K`` (zero outside the valid rows
+    and keys); ``scale = (scale_s, scale_t)`` the logit scales, ``lse = (lse_s, lse_t)`` per row.
+
+    ``res_s`` / ``res_t``: the resident tile of the student / teacher side when ``RES_S`` / ``RES_T``: the
+    row tile, or with ``RES_KEYS`` (the dk kernel, whose program owns keys) the transposed key tile."""
+    scale_s, scale_t = scale
+    lse_s, lse_t = lse
+    s = _logits(stu, R, K, res_s, res_s, DOT=DOT_S, PREC=PREC_S, BLOCK_C=BLOCK_C,
+                A_RES=RES_S and not RES_KEYS, B_RES=RES_S and RES_KEYS) * scale_s
+    t = _logits(tea, R, K, res_t, res_t, DOT=DOT_T, PREC=PREC_T, BLOCK_C=BLOCK_C,
+                A_RES=RES_T and not RES_KEYS, B_RES=RES_T and RES_KEYS) * scale_t
+    valid = R[1][:, None] & K[1][None, :]
     p_s = tl.exp(s - lse_s[:, None])
     p_t = tl.exp(t - lse_t[:, None])
     return tl.where(valid, (p_s - p_t) * w[:, None], 0.0)
 
 
-# Whether all student / teacher channels fit one channel tile (then tiles stay resident in loops).
-_ONE_CHUNK = triton.heuristics({"ONE_CHUNK": lambda a: a["CS"] <= a["BLOCK_C"],
-                                "RES_T": lambda a: a["CT"] <= a["BLOCK_C"]})
-
-
-@_ONE_CHUNK
+@_RES
 @triton.jit
 def _rkl_bwd_dq_kernel(
     QS, KS, QT, KT, IDX, LSE_S, LSE_T, DKL, WMAX, DQ,
@@ -199,7 +219,7 @@ def _rkl_bwd_dq_kernel(
     skt_g1, skt_g2, skt_m, skt_c,
     scale_s, scale_t,
     HAS_IDX: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr, ONE_CHUNK: tl.constexpr, RES_T: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, RES_S: tl.constexpr, RES_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -210,41 +230,42 @@ def _rkl_bwd_dq_kernel(
     g2 = g % G2
     rows = rt * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     rmask = rows < N
+    R = (rows, rmask)
     qs_base = g1 * sqs_g1 + g2 * sqs_g2
     ks_base = g1 * sks_g1 + g2 * sks_g2
     qt_base = g1 * sqt_g1 + g2 * sqt_g2
     kt_base = g1 * skt_g1 + g2 * skt_g2
+    stu = ((QS, qs_base, sqs_n, sqs_c), (KS, ks_base, sks_m, sks_c), CS)
+    tea = ((QT, qt_base, sqt_n, sqt_c), (KT, kt_base, skt_m, skt_c), CT)
     # The upstream gradient is rescaled by its maximum so the (p_s - p_t) * w operand of the second
     # GEMM stays in fp16's normal range (mean reductions make w tiny); the scale is undone at the end.
     wmax = tl.load(WMAX)
     dq_base = (g * N + rows) * CS  # DQ is a contiguous fp32 (G, N, CS) buffer
     ccols = tl.arange(0, BLOCK_C)
 
-    # This program's query rows are fixed: resident when they fit one channel tile (ONE_CHUNK <=> C_s does).
-    qs_res = _rows_tile(QS, qs_base, rows, rmask, sqs_n, sqs_c, CS, DOT_S, BLOCK_C) if ONE_CHUNK else 0.0
-    qt_res = _rows_tile(QT, qt_base, rows, rmask, sqt_n, sqt_c, CT, DOT_T, BLOCK_C) if RES_T else 0.0
+    # This program's query rows are fixed: resident when they fit one channel tile (RES_S / RES_T).
+    qs_res = _rows_tile(stu[0], R, CS, DOT=DOT_S, BLOCK_C=BLOCK_C, TRANS=False) if RES_S else 0.0
+    qt_res = _rows_tile(tea[0], R, CT, DOT=DOT_T, BLOCK_C=BLOCK_C, TRANS=False) if RES_T else 0.0
     dq = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
-    if not ONE_CHUNK:
+    if not RES_S:
         for c0 in range(0, CS, BLOCK_C):
             cm = (c0 + ccols) < CS
             tl.store(DQ + dq_base[:, None] + (c0 + ccols)[None, :], tl.zeros((BLOCK_N, BLOCK_C), tl.float32),
                      mask=rmask[:, None] & cm[None, :])
     for seg in range(0, NSEG):
         o = (g * N + rows) * NSEG + seg
-        lse_s = tl.load(LSE_S + o, mask=rmask, other=0.0)
-        lse_t = tl.load(LSE_T + o, mask=rmask, other=0.0)
+        lse = (tl.load(LSE_S + o, mask=rmask, other=0.0), tl.load(LSE_T + o, mask=rmask, other=0.0))
         w = tl.load(DKL + o, mask=rmask, other=0.0) / wmax
         for k0 in range(0, S, BLOCK_M):
             kk = k0 + tl.arange(0, BLOCK_M)
             kmask = kk < S
             j = seg * S + kk.to(tl.int64)
-            krow = _key_rows(IDX, j, kmask, HAS_IDX)
-            ds = _pdiff(QS, KS, QT, KT, qs_base, ks_base, qt_base, kt_base, rows, rmask, krow, kmask,
-                        sqs_n, sqs_c, sks_m, sks_c, sqt_n, sqt_c, skt_m, skt_c, CS, CT, scale_s, scale_t,
-                        lse_s, lse_t, w, qs_res, 0.0, qt_res, 0.0, ONE_CHUNK, False, RES_T, False,
-                        DOT_S, DOT_T, PREC_S, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C)
+            krow = _key_rows(IDX, j, kmask, HAS_IDX=HAS_IDX)
+            K = (krow, kmask)
+            ds = _pdiff(stu, tea, R, K, (scale_s, scale_t), lse, w, qs_res, qt_res, DOT_S=DOT_S, DOT_T=DOT_T,
+                        PREC_S=PREC_S, PREC_T=PREC_T, BLOCK_C=BLOCK_C, RES_S=RES_S, RES_T=RES_T, RES_KEYS=False)
             ds = to_dot(ds, DOT_S)
-            if ONE_CHUNK:
+            if RES_S:
                 cm = ccols < CS
                 kc = tl.load(KS + ks_base + krow[:, None] * sks_m + ccols[None, :].to(tl.int64) * sks_c,
                              mask=kmask[:, None] & cm[None, :], other=0.0)
@@ -260,7 +281,7 @@ def _rkl_bwd_dq_kernel(
                     part = tl.load(ptrs, mask=m2, other=0.0)
                     part = dot(ds, to_dot(kc, DOT_S), part, PREC_S)
                     tl.store(ptrs, part, mask=m2)
-    if ONE_CHUNK:
+    if RES_S:
         cm = ccols < CS
         tl.store(DQ + dq_base[:, None] + ccols[None, :], dq * (wmax * scale_s),
                  mask=rmask[:, None] & cm[None, :])
@@ -272,7 +293,7 @@ def _rkl_bwd_dq_kernel(
             tl.store(ptrs, tl.load(ptrs, mask=m2, other=0.0) * (wmax * scale_s), mask=m2)
 
 
-@_ONE_CHUNK
+@_RES
 @triton.jit
 def _rkl_bwd_dk_kernel(
     QS, KS, QT, KT, LSE_S, LSE_T, DKL, WMAX, DK,
@@ -283,7 +304,7 @@ def _rkl_bwd_dk_kernel(
     skt_g1, skt_g2, skt_m, skt_c,
     scale_s, scale_t,
     DOT_S: tl.constexpr, DOT_T: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr, ONE_CHUNK: tl.constexpr, RES_T: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, RES_S: tl.constexpr, RES_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -297,19 +318,22 @@ def _rkl_bwd_dk_kernel(
     kk = kt_i * BLOCK_M + tl.arange(0, BLOCK_M)
     kmask = kk < S
     krow = seg * S + kk.to(tl.int64)
+    K = (krow, kmask)
     qs_base = g1 * sqs_g1 + g2 * sqs_g2
     ks_base = g1 * sks_g1 + g2 * sks_g2
     qt_base = g1 * sqt_g1 + g2 * sqt_g2
     kt_base = g1 * skt_g1 + g2 * skt_g2
+    stu = ((QS, qs_base, sqs_n, sqs_c), (KS, ks_base, sks_m, sks_c), CS)
+    tea = ((QT, qt_base, sqt_n, sqt_c), (KT, kt_base, skt_m, skt_c), CT)
     wmax = tl.load(WMAX)
     dk_base = (g * M + krow) * CS  # DK is a contiguous fp32 (G, M, CS) buffer
     ccols = tl.arange(0, BLOCK_C)
 
-    # This program's keys are fixed: resident (transposed) when they fit one channel tile.
-    ks_res = _rows_tile_t(KS, ks_base, krow, kmask, sks_m, sks_c, CS, DOT_S, BLOCK_C) if ONE_CHUNK else 0.0
-    kt_res = _rows_tile_t(KT, kt_base, krow, kmask, skt_m, skt_c, CT, DOT_T, BLOCK_C) if RES_T else 0.0
+    # This program's keys are fixed: resident (transposed) when they fit one channel tile (RES_S / RES_T).
+    ks_res = _rows_tile(stu[1], K, CS, DOT=DOT_S, BLOCK_C=BLOCK_C, TRANS=True) if RES_S else 0.0
+    kt_res = _rows_tile(tea[1], K, CT, DOT=DOT_T, BLOCK_C=BLOCK_C, TRANS=True) if RES_T else 0.0
     dk = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-    if not ONE_CHUNK:
+    if not RES_S:
         for c0 in range(0, CS, BLOCK_C):
             cm = (c0 + ccols) < CS
             tl.store(DK + dk_base[:, None] + (c0 + ccols)[None, :], tl.zeros((BLOCK_M, BLOCK_C), tl.float32),
@@ -317,16 +341,14 @@ def _rkl_bwd_dk_kernel(
     for r0 in range(0, N, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
         rmask = rows < N
+        R = (rows, rmask)
         o = (g * N + rows) * NSEG + seg
-        lse_s = tl.load(LSE_S + o, mask=rmask, other=0.0)
-        lse_t = tl.load(LSE_T + o, mask=rmask, other=0.0)
+        lse = (tl.load(LSE_S + o, mask=rmask, other=0.0), tl.load(LSE_T + o, mask=rmask, other=0.0))
         w = tl.load(DKL + o, mask=rmask, other=0.0) / wmax
-        ds = _pdiff(QS, KS, QT, KT, qs_base, ks_base, qt_base, kt_base, rows, rmask, krow, kmask,
-                    sqs_n, sqs_c, sks_m, sks_c, sqt_n, sqt_c, skt_m, skt_c, CS, CT, scale_s, scale_t,
-                    lse_s, lse_t, w, 0.0, ks_res, 0.0, kt_res, False, ONE_CHUNK, False, RES_T,
-                    DOT_S, DOT_T, PREC_S, PREC_T, BLOCK_N, BLOCK_M, BLOCK_C)
+        ds = _pdiff(stu, tea, R, K, (scale_s, scale_t), lse, w, ks_res, kt_res, DOT_S=DOT_S, DOT_T=DOT_T,
+                    PREC_S=PREC_S, PREC_T=PREC_T, BLOCK_C=BLOCK_C, RES_S=RES_S, RES_T=RES_T, RES_KEYS=True)
         dst = tl.trans(to_dot(ds, DOT_S))
-        if ONE_CHUNK:
+        if RES_S:
             cm = ccols < CS
             qc = tl.load(QS + qs_base + rows[:, None] * sqs_n + ccols[None, :].to(tl.int64) * sqs_c,
                          mask=rmask[:, None] & cm[None, :], other=0.0)
@@ -342,7 +364,7 @@ def _rkl_bwd_dk_kernel(
                 part = tl.load(ptrs, mask=m2, other=0.0)
                 part = dot(dst, to_dot(qc, DOT_S), part, PREC_S)
                 tl.store(ptrs, part, mask=m2)
-    if ONE_CHUNK:
+    if RES_S:
         cm = ccols < CS
         tl.store(DK + dk_base[:, None] + ccols[None, :], dk * (wmax * scale_s),
                  mask=kmask[:, None] & cm[None, :])
@@ -389,7 +411,7 @@ def _dot_dtype(a: torch.dtype, b: torch.dtype):
 
 # Candidate tiles per GEMM precision class and kernel: ``(BLOCK_N, BLOCK_M, BLOCK_C, num_warps, num_stages)``
 # and where the config may run: "R" when all channels fit one channel tile (C <= BLOCK_C: query/key tiles
-# resident, ONE_CHUNK), "C" when they do not (channel loop; dq/dk accumulate in the fp32 scratch), "RC"
+# resident, RES_S / RES_T), "C" when they do not (channel loop; dq/dk accumulate in the fp32 scratch), "RC"
 # both. Chosen by compiling every kernel x candidate x variant for sm_90 without a GPU (ptxas -v on
 # Triton's PTX, strides specialised as a launch specialises them): a config is listed for a variant only
 # if it does not spill there. Spilling configs removed (spill bytes per thread, sm_90, bf16):

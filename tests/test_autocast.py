@@ -367,8 +367,24 @@ def test_op_bodies_do_not_see_the_callers_autocast(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(rkl_ops, "_ref_fwd", recording("relational_kl_fwd", rkl_ops._ref_fwd))
-    monkeypatch.setattr(rkl_ops, "_ref_bwd", recording("relational_kl_bwd", rkl_ops._ref_bwd))
+    def recording_chunk(fn):  # the reference's per-chunk math: in the forward, and recomputed in the backward
+        def wrapper(*args, **kwargs):
+            phase = "fwd" if torch._C._current_graph_task_id() == -1 else "bwd recompute"
+            seen.append((f"relational_kl_reference {phase}", torch.is_autocast_enabled("cpu")))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def recording_bmm_backward(fn):  # the reference's backward GEMMs, run by the engine under the caller's
+        def wrapper(ctx, g):         # autocast: their fp32 operands must give fp32 (not bf16) products
+            out = fn(ctx, g)
+            seen.append(("relational_kl_reference bwd gemm", any(o is not None and o.dtype != torch.float32
+                                                                  for o in out)))
+            return out
+        return wrapper
+
+    monkeypatch.setattr(rkl_ops, "_ref_chunk_kl", recording_chunk(rkl_ops._ref_chunk_kl))
+    monkeypatch.setattr(rkl_ops._ShieldedBmmNT, "backward",
+                        staticmethod(recording_bmm_backward(rkl_ops._ShieldedBmmNT.backward)))
     monkeypatch.setattr(attention_ops, "attention_reference",
                         recording("attention_reference", attention_ops.attention_reference))
     s = _r(2, 4, 3, 3, grad=True)
@@ -380,7 +396,9 @@ def test_op_bodies_do_not_see_the_callers_autocast(monkeypatch):
         fastdistill.fused_attention(q, q, q).sum().backward()
         assert torch.is_autocast_enabled("cpu")  # the caller's state is restored
     names = {name for name, _ in seen}
-    assert names == {"relational_kl_fwd", "relational_kl_bwd", "attention_reference"}, names
+    assert names == {"relational_kl_reference fwd", "relational_kl_reference bwd recompute",
+                     "relational_kl_reference bwd gemm",
+                     "attention_reference"}, names
     assert not any(enabled for _, enabled in seen), seen
 
 

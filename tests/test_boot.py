@@ -11,20 +11,13 @@ from fastdistill import testing
 from fastdistill.nn import BootDistiller
 from fastdistill.ops.boot import boot_delta, teacher_to_x
 from fastdistill.testing import assert_close, randn
-from fastdistill.testing import check_against_reference as _check_against_reference
+from fastdistill.testing import check_against_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 PREDS = ["epsilon", "sample", "v_prediction"]
 SHAPES = [(1, 5), (3, 2, 5, 7), (2, 3, 33, 33)]  # the last spans two kernel blocks per sample
 # (backend, device) cases: CPU ones, and the *-cuda ones (gpu-marked; skipped with the reason without a GPU).
 BACKENDS = testing.backend_device_params("boot_loss")
-
-
-def check_against_reference(fn, reference, args, kwargs=None, *, backend, **kw):
-    """The harness with the backend forced around it (its own ``backend=`` cannot re-enter the
-    context manager for the gradient pass)."""
-    with fastdistill.use_backend(backend):
-        return _check_against_reference(fn, reference, args, kwargs, **kw)
 
 
 def _scales(B: int, gen: torch.Generator, abar_t: torch.Tensor | None = None):

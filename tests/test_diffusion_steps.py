@@ -9,19 +9,12 @@ import fastdistill
 from fastdistill import testing
 from fastdistill.ops.diffusion_steps import ddim_step_reference
 from fastdistill.testing import assert_close, randn
-from fastdistill.testing import check_against_reference as _check_against_reference
+from fastdistill.testing import check_against_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 PREDS = ["epsilon", "sample", "v_prediction"]
 # (B, ...) shapes: size-1 batch, odd sizes, and one sample spanning two kernel blocks (D = 3267 > 2048).
 SHAPES = [(1, 7), (3, 2, 5, 7), (2, 3, 33, 33)]
-
-
-def check_against_reference(fn, reference, args, kwargs=None, *, backend, **kw):
-    """The harness, with the backend forced around it: its own ``backend=`` re-enters a one-shot
-    context manager for the gradient pass, so it is forced here for both passes instead."""
-    with fastdistill.use_backend(backend):
-        return _check_against_reference(fn, reference, args, kwargs, **kw)
 
 
 def _ddim_scheduler(prediction_type: str, dtype: torch.dtype = torch.float32):

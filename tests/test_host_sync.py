@@ -7,7 +7,7 @@ tensor, ``nonzero``/``unique``/``bincount``/``masked_select``/``argwhere``, bool
 
 The tensors are CPU tensors, but the run takes the **CUDA decision path**: the value checks that stay
 on for CPU tensors (they are free there) decide through
-:func:`fastdistill.ops.diffusion_steps.checks_are_free`, which the ``as_on_cuda`` fixture forces to
+:func:`fastdistill.ops._common.checks_are_free`, which the ``as_on_cuda`` fixture forces to
 the CUDA answer. Every backend that runs CPU tensors here is exercised (reference, cpp, and triton under
 the interpreter, whose own host copies are allowed: they are the interpreter, not the op).
 
@@ -28,7 +28,7 @@ from torch import nn
 
 import fastdistill
 from fastdistill import dispatch, testing
-from fastdistill.ops import diffusion_steps as ds
+from fastdistill.ops import _common as op_common
 
 
 class HostSyncError(AssertionError):
@@ -40,7 +40,7 @@ _TENSOR_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__f
 _TORCH_FUNCTIONS = ("nonzero", "unique", "bincount", "masked_select", "argwhere")
 #: (module, function) of callers allowed to read tensors on the host: the seed draw from a CPU
 #: generator reads host memory by construction (on CUDA inputs too).
-ALLOWED_CALLERS = frozenset({("fastdistill.ops.diffusion_steps", "draw_seed")})
+ALLOWED_CALLERS = frozenset({("fastdistill.ops._common", "draw_seed")})
 
 
 def _caller(depth: int = 2) -> tuple[str, str]:
@@ -103,8 +103,8 @@ def no_host_sync(allow: frozenset = ALLOWED_CALLERS) -> Iterator[list[str]]:
 @pytest.fixture
 def as_on_cuda(monkeypatch):
     """The value-check decisions take the CUDA answer (checks off unless asked for) on CPU tensors."""
-    monkeypatch.delenv(ds.VALUE_CHECKS_ENV, raising=False)
-    monkeypatch.setattr(ds, "checks_are_free", lambda device: False)
+    monkeypatch.delenv(op_common.VALUE_CHECKS_ENV, raising=False)
+    monkeypatch.setattr(op_common, "checks_are_free", lambda device: False)
 
 
 def _leaf(*shape: int, device: str = "cpu", grad: bool = True, scale: float = 1.0) -> torch.Tensor:
@@ -474,7 +474,7 @@ def test_opt_in_checks_sync_and_raise(how, as_on_cuda, monkeypatch):
         _ddim([5, 9])
     kw = {"validate": True} if how == "validate" else {}
     if how == "env":
-        monkeypatch.setenv(ds.VALUE_CHECKS_ENV, "1")
+        monkeypatch.setenv(op_common.VALUE_CHECKS_ENV, "1")
     with no_host_sync(), pytest.raises(HostSyncError):
         _ddim([5, 9], **kw)
     with pytest.raises(ValueError, match="timesteps must lie in"):
@@ -498,16 +498,16 @@ def test_opt_in_index_and_value_checks(as_on_cuda):
 
 def test_cpu_keeps_its_checks(monkeypatch):
     """Without the forcing, CPU tensors are still checked by default (free there)."""
-    monkeypatch.delenv(ds.VALUE_CHECKS_ENV, raising=False)
-    assert ds.value_checks_enabled(torch.device("cpu"))
-    assert not ds.value_checks_enabled(torch.device("cuda"))
-    assert ds.value_checks_enabled(torch.device("cuda"), True)
-    monkeypatch.setenv(ds.VALUE_CHECKS_ENV, "0")
-    assert not ds.value_checks_enabled(torch.device("cpu"))
-    assert ds.value_checks_enabled(torch.device("cpu"), True)
-    monkeypatch.setenv(ds.VALUE_CHECKS_ENV, "1")
-    assert ds.value_checks_enabled(torch.device("cuda"))
-    monkeypatch.delenv(ds.VALUE_CHECKS_ENV)
+    monkeypatch.delenv(op_common.VALUE_CHECKS_ENV, raising=False)
+    assert op_common.value_checks_enabled(torch.device("cpu"))
+    assert not op_common.value_checks_enabled(torch.device("cuda"))
+    assert op_common.value_checks_enabled(torch.device("cuda"), True)
+    monkeypatch.setenv(op_common.VALUE_CHECKS_ENV, "0")
+    assert not op_common.value_checks_enabled(torch.device("cpu"))
+    assert op_common.value_checks_enabled(torch.device("cpu"), True)
+    monkeypatch.setenv(op_common.VALUE_CHECKS_ENV, "1")
+    assert op_common.value_checks_enabled(torch.device("cuda"))
+    monkeypatch.delenv(op_common.VALUE_CHECKS_ENV)
     with pytest.raises(ValueError, match="timesteps must lie in"):
         _ddim([5, 99])
     with pytest.raises(ValueError, match="index values must lie"):
@@ -517,11 +517,11 @@ def test_cpu_keeps_its_checks(monkeypatch):
 
 def test_draw_seed_reproducible():
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert [ds.draw_seed(g1) for _ in range(3)] == [ds.draw_seed(g2) for _ in range(3)]
+    assert [op_common.draw_seed(g1) for _ in range(3)] == [op_common.draw_seed(g2) for _ in range(3)]
     torch.manual_seed(3)
-    a = ds.draw_seed(None)
+    a = op_common.draw_seed(None)
     torch.manual_seed(3)
-    assert ds.draw_seed(None) == a
+    assert op_common.draw_seed(None) == a
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,7 +541,7 @@ def _sync_debug_error() -> Iterator[None]:
 @pytest.mark.gpu
 @pytest.mark.parametrize("op,backend", _cases("cuda"))
 def test_op_is_sync_free_cuda(op, backend, monkeypatch):
-    monkeypatch.delenv(ds.VALUE_CHECKS_ENV, raising=False)
+    monkeypatch.delenv(op_common.VALUE_CHECKS_ENV, raising=False)
     run = OP_CASES[op]("cuda")
     with dispatch.use_backend(backend):
         run()  # warm-up outside the detector: kernel compiles and autotuning synchronise once
@@ -554,7 +554,7 @@ def test_op_is_sync_free_cuda(op, backend, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(MODULE_CASES))
 def test_module_is_sync_free_cuda(name, monkeypatch):
-    monkeypatch.delenv(ds.VALUE_CHECKS_ENV, raising=False)
+    monkeypatch.delenv(op_common.VALUE_CHECKS_ENV, raising=False)
     run = MODULE_CASES[name]("cuda")
     run()  # warm-up outside the detector: one-time allocations, lazy CUDA init, kernel compiles
     torch.cuda.synchronize()
@@ -567,6 +567,6 @@ def test_module_is_sync_free_cuda(name, monkeypatch):
 def test_cuda_generator_seed_without_sync():
     g1, g2 = torch.Generator("cuda").manual_seed(7), torch.Generator("cuda").manual_seed(7)
     with _sync_debug_error():
-        s1 = [ds.draw_seed(g1) for _ in range(3)]
-        s2 = [ds.draw_seed(g2) for _ in range(3)]
+        s1 = [op_common.draw_seed(g1) for _ in range(3)]
+        s2 = [op_common.draw_seed(g2) for _ in range(3)]
     assert s1 == s2 and len(set(s1)) == 3

@@ -30,7 +30,7 @@ RKL_GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 RKL_CASES = {
     # 130 rows / 131 keys: past the largest row and key tile (128), so every config has a partial last
     # row tile and a partial last key tile. C_s = 72 > BLOCK_C (<= 64): the dq/dk global-scratch path
-    # (not ONE_CHUNK) and the non-resident forward path; C_t = 20 fits one tile (RES_T), so the teacher
+    # (not RES_S) and the non-resident forward path; C_t = 20 fits one tile (RES_T), so the teacher
     # takes the resident path while the student does not.
     "tiles": (130, 131, 72, 20, None),
     # One query row: a row tile with one valid row; two segments of 37 keys (a key tile never spans two).

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.boot import boot_loss
-from ..ops.diffusion_steps import PREDICTION_TYPES, _schedule, value_checks_enabled
+from ..ops._common import PREDICTION_TYPES, resolve_schedule, value_checks_enabled
 from ._outputs import model_output
 
 
@@ -54,7 +54,7 @@ class BootDistiller(nn.Module):
         super().__init__()
         self.student = student
         self.teacher = teacher.requires_grad_(False)
-        ac, _ = _schedule("BootDistiller", scheduler_or_alphas_cumprod, None, torch.device("cpu"))
+        ac, _ = resolve_schedule("BootDistiller", scheduler_or_alphas_cumprod, None, torch.device("cpu"))
         if prediction_type is None:
             config = getattr(scheduler_or_alphas_cumprod, "config", None)
             prediction_type = getattr(config, "prediction_type", None) or "epsilon"
@@ -105,7 +105,7 @@ class BootDistiller(nn.Module):
         passed to both networks; ``uncond``: the teacher's unconditional kwargs under CFG.
         The range of given ``timesteps`` is checked for CPU tensors; for CUDA tensors only with
         ``FASTDISTILL_VALUE_CHECKS=1`` (the check is a host sync; see
-        :func:`fastdistill.ops.diffusion_steps.value_checks_enabled`). No other host sync.
+        :func:`fastdistill.ops._common.value_checks_enabled`). No other host sync.
         """
         B = noise.shape[0]
         T, dt = self.num_timesteps, self.step_size

@@ -27,7 +27,7 @@ Models are called as ``model(z, t, **cond)`` (diffusers ``UNet2DModel`` / ``UNet
 Host syncs: none in the losses, their backward or :meth:`MomentMatchingDistiller.sample` (statistics
 stay 0-d device tensors; a CPU ``generator``'s draws are moved with non-blocking pinned copies). The
 range of user-given ``timesteps`` is checked for CPU tensors; for CUDA tensors only with
-``FASTDISTILL_VALUE_CHECKS=1`` (a host read; see :func:`fastdistill.ops.diffusion_steps.value_checks_enabled`).
+``FASTDISTILL_VALUE_CHECKS=1`` (a host read; see :func:`fastdistill.ops._common.value_checks_enabled`).
 """
 
 from __future__ import annotations
@@ -40,13 +40,12 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.moment_matching import auxiliary_denoiser_loss, moment_matching_loss, posterior_sample
-from ..ops.diffusion_steps import host_to_device, value_checks_enabled
+from ..ops._common import PREDICTION_TYPES, bcast, host_to_device, value_checks_enabled
 from ..ops.multi_tensor import moment_dot, preconditioned_perturb_
 from ._outputs import model_output
 
 __all__ = ["MomentMatchingDistiller"]
 
-_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -59,10 +58,6 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 def _wide(x: Tensor) -> Tensor:
     """fp32 for half types, else as is (fp64 stays fp64: the finite-difference checks need it)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _bcast(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape(v.shape[0], *([1] * (like.dim() - 1)))
 
 
 class MomentMatchingDistiller(nn.Module):
@@ -136,8 +131,8 @@ class MomentMatchingDistiller(nn.Module):
         if not bool(((abar > 0) & (abar < 1)).all()):
             raise ValueError(f"{name}: alphas_cumprod must lie in (0, 1)")
         prediction_type = prediction_type or "epsilon"
-        if prediction_type not in _PREDICTION_TYPES:
-            raise ValueError(f"{name}: prediction_type must be one of {_PREDICTION_TYPES}, got {prediction_type!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"{name}: prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         T = abar.numel()
         if isinstance(num_student_steps, bool) or not isinstance(num_student_steps, int) \
                 or not 1 <= num_student_steps <= T:
@@ -219,12 +214,12 @@ class MomentMatchingDistiller(nn.Module):
         noise = host_to_device(torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32),
                                x0.device)
         a, s = self.alphas[t], self.sigmas[t]
-        return _bcast(a, x0) * _wide(x0) + _bcast(s, x0) * noise
+        return bcast(a, x0) * _wide(x0) + bcast(s, x0) * noise
 
     def x_prediction(self, model: nn.Module, z: Tensor, t: Tensor, cond: dict[str, Any] | None = None) -> Tensor:
         """``model(z, t, **cond)`` converted to an x-prediction (fp32, or fp64 for an fp64 model)."""
         out = _wide(model_output(model(z.to(_model_dtype(model)), t, **(cond or {})), "MomentMatchingDistiller"))
-        a, s = _bcast(self.alphas[t], z), _bcast(self.sigmas[t], z)
+        a, s = bcast(self.alphas[t], z), bcast(self.sigmas[t], z)
         zf = _wide(z)
         if self.prediction_type == "epsilon":
             x = (zf - s * out) / a
@@ -321,7 +316,7 @@ class MomentMatchingDistiller(nn.Module):
         per = (_wide(x_clean) - x_theta).pow(2)
         w = self._weights(s)
         if w is not None:
-            per = _bcast(w, per) * per
+            per = bcast(w, per) * per
         return per.mean()
 
     def teacher_grad(self, x_clean: Tensor, z_s: Tensor, s: Tensor, cond: dict | None = None,
@@ -383,7 +378,7 @@ class MomentMatchingDistiller(nn.Module):
         loss = moment_matching_loss(x_student, x_theta_p, x_theta, weight=2.0 * w / eps)
         with torch.no_grad():  # forward-difference estimate of F itself, for monitoring
             xs = _wide(x_student.detach())
-            wb = _bcast(w, xs)
+            wb = bcast(w, xs)
             f_est = ((wb * (xs - x_theta).pow(2)).mean() - (wb * (xs - x_theta_p).pow(2)).mean()) / eps
         self.last_stats = {"moment_estimate": f_est}
         return loss

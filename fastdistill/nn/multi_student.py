@@ -69,7 +69,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..ops import routing as _routing
-from ..ops.diffusion_steps import value_checks_enabled
+from ..ops._common import value_checks_enabled
 
 __all__ = ["MultiStudent"]
 

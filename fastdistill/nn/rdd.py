@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import WORLD, gather_rows
-from ..ops.diffusion_steps import host_to_device
+from ..ops._common import host_to_device
 from ..ops.rdd import fused_rdd_loss, memory_p2p_loss, rcfd_loss
 
 __all__ = ["IntraSampleP2PLoss", "MemoryP2PLoss", "RCFDLoss", "RDDLoss"]

@@ -20,9 +20,8 @@ from torch import Tensor
 
 from .. import dispatch
 from .._validation import check_positive, check_same_device, check_tensor
-from ._common import autocast_op
-from .diffusion_steps import (_as_rows, bcast, check_batched, check_batched_pair, compute_dtype, draw_seed,
-                              host_to_device)
+from ._common import (as_rows, autocast_op, bcast, check_batched, check_batched_pair, compute_dtype, draw_seed,
+                      host_to_device)
 
 dispatch.register_op("gradient_penalty", ["triton"])
 dispatch.register_op("adversarial_losses", ["triton"])
@@ -33,7 +32,7 @@ dispatch.register_op("adversarial_losses", ["triton"])
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastdistill::gan_interp_triton", mutates_args=())
+@torch.library.custom_op("fastdistill::gan_interpolate_triton", mutates_args=())
 def _interp_triton(real: Tensor, fake: Tensor, alpha: Tensor | None, seed: int) -> tuple[Tensor, Tensor]:
     from fastdistill.kernels import adversarial as k
 
@@ -46,7 +45,7 @@ def _(real, fake, alpha, seed):
             real.new_empty((real.shape[0],), dtype=torch.float32))
 
 
-@torch.library.custom_op("fastdistill::gan_interp_triton_bwd", mutates_args=())
+@torch.library.custom_op("fastdistill::gan_interpolate_triton_bwd", mutates_args=())
 def _interp_triton_bwd(g: Tensor, alpha: Tensor, r_like: Tensor, f_like: Tensor) -> tuple[Tensor, Tensor]:
     from fastdistill.kernels import adversarial as k
 
@@ -89,7 +88,7 @@ def gan_interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None, *,
     ``alpha``: (B,) mixing weights; None draws them from U(0, 1) (inside the kernel on the triton
     backend, seeded from torch's RNG or ``generator``). Differentiable w.r.t. ``real`` and ``fake``.
     No host sync: the kernel seed comes from the CPU RNG or, for a CUDA ``generator``, from its
-    host-side state (:func:`fastdistill.ops.diffusion_steps.draw_seed`; same state, same weights).
+    host-side state (:func:`fastdistill.ops._common.draw_seed`; same state, same weights).
     """
     op = "gradient_penalty"
     device = check_batched_pair(op, ("real", real), ("fake", fake))
@@ -103,7 +102,7 @@ def gan_interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None, *,
         alpha = alpha.reshape(B)
     backend = dispatch.select_backend(op, real, fake)
     if backend == "triton":
-        x, a = _interp_triton(_as_rows(real), _as_rows(fake),
+        x, a = _interp_triton(as_rows(real), as_rows(fake),
                               alpha.detach().float().contiguous() if alpha is not None else None,
                               _draw_seed(generator) if alpha is None else 0)
         return x.reshape(real.shape), a.detach()  # the weights are sampled constants, not differentiable
@@ -122,7 +121,7 @@ def gan_interpolate(real: Tensor, fake: Tensor, alpha: Tensor | None = None, *,
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastdistill::gp_penalty_triton", mutates_args=())
+@torch.library.custom_op("fastdistill::gradient_norm_penalty_triton", mutates_args=())
 def _gp_triton(g: Tensor, weight: float) -> tuple[Tensor, Tensor]:
     from fastdistill.kernels import adversarial as k
 
@@ -134,7 +133,7 @@ def _(g, weight):
     return g.new_empty((), dtype=torch.float32), g.new_empty((g.shape[0],), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastdistill::gp_penalty_triton_bwd", mutates_args=())
+@torch.library.custom_op("fastdistill::gradient_norm_penalty_triton_bwd", mutates_args=())
 def _gp_triton_bwd(go: Tensor, g: Tensor, norms: Tensor, weight: float) -> Tensor:
     from fastdistill.kernels import adversarial as k
 
@@ -172,7 +171,7 @@ def gradient_norm_penalty(grads: Tensor, weight: float = 1.0) -> Tensor:
     weight = check_positive(op, "weight", weight, allow_zero=True)
     backend = dispatch.select_backend(op, grads)
     if backend == "triton":
-        loss, _ = _gp_triton(_as_rows(grads), weight)
+        loss, _ = _gp_triton(as_rows(grads), weight)
         return loss
     g = grads.to(compute_dtype(grads.dtype)).reshape(grads.shape[0], -1)
     return weight * ((torch.linalg.vector_norm(g, dim=1) - 1) ** 2).mean()

@@ -170,7 +170,7 @@ def triton_fallback_reason(q: torch.Tensor, attn_mask: torch.Tensor | None = Non
 # Custom ops (Triton backend): opaque to torch.compile, with fake kernels and autograd.
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastdistill::fused_attention_fwd", mutates_args=())
+@torch.library.custom_op("fastdistill::fused_attention_triton", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
             layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import attention as kernels
@@ -184,7 +184,7 @@ def _fwd_fake(q, k, v, attn_mask, scale, layout):
     return q.new_empty(q.shape), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastdistill::fused_attention_bwd", mutates_args=())
+@torch.library.custom_op("fastdistill::fused_attention_triton_bwd", mutates_args=())
 def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
             layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,9 +16,8 @@ from torch import Tensor
 
 from .. import dispatch
 from .._validation import check_choice, check_same_device, check_same_shape, check_tensor
-from ._common import autocast_op
-from .diffusion_steps import (PREDICTION_TYPES, _PRED_CODE, _as_rows, check_batched, compute_dtype, not_positive,
-                              per_sample, raise_on_bad_values)
+from ._common import (PRED_CODE, PREDICTION_TYPES, as_rows, autocast_op, check_batched, compute_dtype, not_positive,
+                      per_sample, raise_on_bad_values)
 
 dispatch.register_op("boot_loss", ["triton"])
 
@@ -123,7 +122,7 @@ def boot_loss(y_s: Tensor, y_t: Tensor, teacher_output: Tensor, *, x_t: Tensor |
         validate: check alpha_t, sigma_t, alpha_s > 0 and s != t (ValueError otherwise). ``None``
             (default): on for CPU tensors, off for CUDA tensors, where it costs a host sync; ``True``
             opts in (or ``FASTDISTILL_VALUE_CHECKS=1``, see
-            :func:`fastdistill.ops.diffusion_steps.value_checks_enabled`).
+            :func:`fastdistill.ops._common.value_checks_enabled`).
 
     Returns:
         A 0-d fp32 tensor (fp64 on the reference backend with fp64 inputs). Only ``y_s`` receives a
@@ -161,11 +160,11 @@ def boot_loss(y_s: Tensor, y_t: Tensor, teacher_output: Tensor, *, x_t: Tensor |
     ], validate)
     backend = dispatch.select_backend(op, y_s, y_t, teacher_output, x_t, teacher_output_uncond)
     if backend == "triton":
-        rows = lambda t: _as_rows(t.detach()) if t is not None else None  # noqa: E731
+        rows = lambda t: as_rows(t.detach()) if t is not None else None  # noqa: E731
         need_grad = y_s.requires_grad and torch.is_grad_enabled()
-        loss, _ = _boot_loss_triton(_as_rows(y_s), rows(y_t), rows(teacher_output), rows(teacher_output_uncond),
+        loss, _ = _boot_loss_triton(as_rows(y_s), rows(y_t), rows(teacher_output), rows(teacher_output_uncond),
                                     rows(x_t) if prediction_type != "sample" else None, gs.float(), at.float(),
-                                    st.float(), as_.float(), ss.float(), w.float(), _PRED_CODE[prediction_type],
+                                    st.float(), as_.float(), ss.float(), w.float(), PRED_CODE[prediction_type],
                                     need_grad)
         return loss
     return boot_loss_reference(y_s, y_t, teacher_output, x_t if prediction_type != "sample" else None, at, st, as_,

@@ -17,190 +17,25 @@ Triton backend registered as a ``torch.library`` custom op (fake kernel + autogr
 
 No host syncs by default: the value checks (timestep ranges, positive scales, s != t) are on for CPU
 tensors and opt-in for CUDA tensors (``validate=True``, or ``FASTDISTILL_VALUE_CHECKS=1``); see
-:func:`value_checks_enabled`, the one switch every opt-in check of fastdistill goes through.
+:func:`fastdistill.ops._common.value_checks_enabled`, the one switch every opt-in check of
+fastdistill goes through.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .. import dispatch
 from .._validation import check_choice, check_same_device, check_same_shape, check_tensor
-from ._common import autocast_op
-
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-_PRED_CODE = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+from ._common import (PRED_CODE, PREDICTION_TYPES, as_rows, autocast_op, bcast, check_batched, check_batched_pair,
+                      compute_dtype, not_positive, per_sample, raise_on_bad_values, resolve_schedule)
 
 dispatch.register_op("ddim_step", ["triton"])
 dispatch.register_op("progressive_distillation_target", ["triton"])
 dispatch.register_op("pd_loss", ["triton"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared helpers (also used by the BOOT and Adv-KD ops)
-# ----------------------------------------------------------------------------------------------
-
-
-def compiling() -> bool:
-    """True while torch.compile traces: value checks that need a host sync are skipped then."""
-    return torch.compiler.is_compiling()
-
-
-def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 inputs, fp64 when any input is fp64 (the reference's working dtype)."""
-    out = torch.float32
-    for d in dtypes:
-        out = torch.promote_types(out, d)
-    return out
-
-
-def check_batched(op: str, name: str, t: Any) -> Tensor:
-    """A floating tensor with a batch dim and at least one element per sample."""
-    check_tensor(op, name, t)
-    if t.dim() < 1 or t.numel() == 0:
-        raise ValueError(f"{op}: {name} must have a batch dim and be non-empty, got shape {tuple(t.shape)}")
-    return t
-
-
-def check_batched_pair(op: str, first: tuple[str, Any], second: tuple[str, Any]) -> torch.device:
-    """``first`` (name, value) is a batched floating tensor and ``second`` a floating tensor of the same
-    shape on the same device; returns that device."""
-    (n1, t1), (n2, t2) = first, second
-    check_batched(op, n1, t1)
-    check_tensor(op, n2, t2)
-    check_same_shape(op, **{n1: t1, n2: t2})
-    return check_same_device(op, **{n1: t1, n2: t2})
-
-
-def per_sample(op: str, name: str, value: Any, batch: int, device: torch.device) -> Tensor:
-    """A per-sample coefficient (number, 0-d or (B,) tensor) -> (B,) float tensor on ``device``.
-
-    fp64 values stay fp64 (the reference keeps them exact); everything else becomes fp32.
-    """
-    if isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a number or a tensor, got bool")
-    if isinstance(value, (int, float)):
-        return torch.full((batch,), float(value), dtype=torch.float64, device=device)
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{op}: {name} must be a number or a tensor, got {type(value).__name__}")
-    if not value.dtype.is_floating_point:
-        raise TypeError(f"{op}: {name} must be a floating tensor, got {value.dtype}")
-    if value.device != device:
-        raise ValueError(f"{op}: {name} is on {value.device} but the inputs are on {device}")
-    dt = torch.float64 if value.dtype == torch.float64 else torch.float32
-    if value.dim() == 0:
-        return value.to(dt).expand(batch).contiguous()
-    if value.dim() == 1 and value.shape[0] == batch:
-        return value.to(dt).contiguous()
-    raise ValueError(f"{op}: {name} must be a number, a 0-d tensor or have shape ({batch},), "
-                     f"got {tuple(value.shape)}")
-
-
-def bcast(v: Tensor, like: Tensor) -> Tensor:
-    """(B,) -> (B, 1, ..., 1) to broadcast against ``like``."""
-    return v.reshape((v.shape[0],) + (1,) * (like.dim() - 1))
-
-
-#: Environment switch of the value checks: ``1`` turns them on on every device, ``0`` off on every
-#: device; unset (or ``auto``): on where they cost no device sync (CPU), off elsewhere (CUDA).
-VALUE_CHECKS_ENV = "FASTDISTILL_VALUE_CHECKS"
-
-
-def checks_are_free(device: torch.device) -> bool:
-    """Whether the host can read tensors on ``device`` without synchronising with it: True on CPU only.
-
-    The device default of every opt-in value check in fastdistill (timestep ranges, positive scales,
-    ``memory_p2p_loss``'s index range, the DDP gather's size check, ...) is this answer: the checks stay
-    on for CPU tensors and are off for CUDA tensors, where each would cost a host sync.
-    """
-    return torch.device(device).type == "cpu"
-
-
-def value_checks_enabled(device: torch.device, validate: bool | None = None) -> bool:
-    """Whether to check input *values* (timestep ranges, positive scales, s != t, index ranges).
-
-    Those checks read device memory: on CUDA each costs a host sync (an op's checks are batched into
-    one copy), so they are **opt-in there**. In order of precedence:
-
-    * skipped while ``torch.compile`` traces (a host read would break the graph);
-    * ``validate=True`` / ``False`` (the op's ``validate=`` / ``check_index=`` argument) decides;
-    * ``FASTDISTILL_VALUE_CHECKS=1`` turns them on everywhere, ``=0`` off everywhere;
-    * otherwise :func:`checks_are_free`: on for CPU tensors (free there), off for CUDA tensors.
-    """
-    if compiling():
-        return False
-    if validate is not None:
-        return bool(validate)
-    env = os.environ.get(VALUE_CHECKS_ENV, "").strip().lower()
-    if env in ("1", "true", "on", "yes"):
-        return True
-    if env in ("0", "false", "off", "no"):
-        return False
-    return checks_are_free(device)
-
-
-Check = tuple[Callable[[], Tensor], Callable[[], str]]
-
-
-def raise_on_bad_values(op: str, device: torch.device, checks: list[Check], validate: bool | None = None) -> None:
-    """``checks``: (builder of a 0-d bool tensor, True when the input is bad; message builder) pairs.
-
-    Nothing is computed when value checks are off (:func:`value_checks_enabled`: by default on CPU,
-    off on CUDA); otherwise one device-to-host copy for all of them, and the messages are built only
-    on failure.
-    """
-    if not checks or not value_checks_enabled(device, validate):
-        return
-    bad = torch.stack([flag().reshape(()) for flag, _ in checks]).cpu()
-    for (_, message), is_bad in zip(checks, bad.tolist()):
-        if is_bad:
-            raise ValueError(f"{op}: {message()}")
-
-
-def host_to_device(t: Tensor, device: torch.device) -> Tensor:
-    """``t.to(device)`` without a host sync for a small CPU tensor going to a GPU.
-
-    A plain (blocking) host-to-device copy waits for the device (``torch.cuda.set_sync_debug_mode``
-    reports it); a ``non_blocking`` copy of a pinned copy of ``t`` does not. Same values either way.
-    """
-    device = torch.device(device)
-    if t.device == device or t.device.type != "cpu" or device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def draw_seed(generator: torch.Generator | None, limit: int = 2**31 - 1) -> int:
-    """A kernel seed in ``[0, limit)`` from torch's RNG, without a device sync.
-
-    * ``generator=None`` or a CPU generator: one draw of the CPU generator (``torch.manual_seed``
-      makes it reproducible); host memory, so no device sync.
-    * a CUDA (device) generator: its state lives on the host (seed and Philox offset), so the seed
-      is a hash of ``(initial_seed(), get_offset())`` and the offset then advances by 4, as one
-      draw would. Reproducible (same generator state, same seed) and distinct on each call; no
-      device memory is read (the old ``torch.randint(..., device="cuda").item()`` was a sync).
-    """
-    if generator is None or generator.device.type == "cpu":
-        return int(torch.randint(0, limit, (1,), generator=generator).item())
-    offset = generator.get_offset()
-    generator.set_offset(offset + 4)
-    # splitmix64 finaliser of (seed, offset): well mixed, deterministic, host-only
-    z = (generator.initial_seed() * 0x9E3779B97F4A7C15 + offset + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) % limit
-
-
-def not_positive(name: str, v: Tensor) -> Check:
-    """A check for :func:`raise_on_bad_values`: every value of ``v`` must be > 0."""
-    return lambda: ~(v > 0).all(), lambda: f"{name} must be > 0 for every sample, got min {v.min().item():.6g}"
-
-
-def _as_rows(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,26 +48,6 @@ class DDIMStepOutput(NamedTuple):
 
     prev_sample: Tensor
     pred_original_sample: Tensor
-
-
-def _schedule(op: str, alphas_cumprod: Any, final_alpha_cumprod: float | None, device: torch.device
-              ) -> tuple[Tensor, float]:
-    sched = None
-    if not isinstance(alphas_cumprod, Tensor) and hasattr(alphas_cumprod, "alphas_cumprod"):
-        sched = alphas_cumprod
-        alphas_cumprod = sched.alphas_cumprod
-    check_tensor(op, "alphas_cumprod", alphas_cumprod, ndim=1)
-    if alphas_cumprod.numel() == 0:
-        raise ValueError(f"{op}: alphas_cumprod is empty")
-    if final_alpha_cumprod is None:
-        final = getattr(sched, "final_alpha_cumprod", 1.0) if sched is not None else 1.0
-        final_alpha_cumprod = float(final)
-    if isinstance(final_alpha_cumprod, bool) or not isinstance(final_alpha_cumprod, (int, float)):
-        raise TypeError(f"{op}: final_alpha_cumprod must be a number, got {type(final_alpha_cumprod).__name__}")
-    if not 0.0 < float(final_alpha_cumprod) <= 1.0:
-        raise ValueError(f"{op}: final_alpha_cumprod must be in (0, 1], got {final_alpha_cumprod}")
-    # diffusers keeps alphas_cumprod on the CPU; the table is small, so move it to the inputs.
-    return host_to_device(alphas_cumprod, device), float(final_alpha_cumprod)
 
 
 def _timesteps(op: str, name: str, value: Any, batch: int, device: torch.device) -> Tensor:
@@ -358,7 +173,8 @@ def ddim_step(x_t: Tensor, model_output: Tensor, timesteps: Tensor | int, prev_t
             else 1.0, diffusers' ``set_alpha_to_one=True``).
         validate: check the timestep ranges (ValueError on a bad value). ``None`` (default): on for
             CPU tensors, off for CUDA tensors, where the check costs a host sync (``True`` opts in;
-            ``FASTDISTILL_VALUE_CHECKS=1`` does it process-wide, see :func:`value_checks_enabled`).
+            ``FASTDISTILL_VALUE_CHECKS=1`` does it process-wide, see
+            :func:`~fastdistill.ops._common.value_checks_enabled`).
             Without it an out-of-range timestep reads out of bounds of the schedule.
 
     Returns:
@@ -369,15 +185,15 @@ def ddim_step(x_t: Tensor, model_output: Tensor, timesteps: Tensor | int, prev_t
     op = "ddim_step"
     device = check_batched_pair(op, ("x_t", x_t), ("model_output", model_output))
     check_choice(op, "prediction_type", prediction_type, PREDICTION_TYPES)
-    ac, final = _schedule(op, alphas_cumprod, final_alpha_cumprod, device)
+    ac, final = resolve_schedule(op, alphas_cumprod, final_alpha_cumprod, device)
     B = x_t.shape[0]
     t = _timesteps(op, "timesteps", timesteps, B, device)
     p = _timesteps(op, "prev_timesteps", prev_timesteps, B, device)
     _check_timestep_range(op, t, p, ac.shape[0], validate)
     backend = dispatch.select_backend(op, x_t, model_output)
     if backend == "triton":
-        prev, x0 = _ddim_step_triton(_as_rows(x_t), _as_rows(model_output), t, p, ac.float().contiguous(), final,
-                                     _PRED_CODE[prediction_type])
+        prev, x0 = _ddim_step_triton(as_rows(x_t), as_rows(model_output), t, p, ac.float().contiguous(), final,
+                                     PRED_CODE[prediction_type])
         return DDIMStepOutput(prev.reshape(x_t.shape), x0.reshape(x_t.shape))
     return ddim_step_reference(x_t, model_output, t, p, ac, prediction_type, final)
 
@@ -407,7 +223,7 @@ def progressive_distillation_target_reference(z_t: Tensor, z_target: Tensor, alp
     return PDTarget(x.to(out_dtype), e.to(out_dtype))
 
 
-@torch.library.custom_op("fastdistill::pd_target_triton", mutates_args=())
+@torch.library.custom_op("fastdistill::progressive_distillation_target_triton", mutates_args=())
 def _pd_target_triton(zt: Tensor, zs: Tensor, at: Tensor, st: Tensor, as_: Tensor, ss: Tensor
                       ) -> tuple[Tensor, Tensor]:
     from fastdistill.kernels import diffusion_steps as k
@@ -421,7 +237,7 @@ def _(zt, zs, at, st, as_, ss):
     return zt.new_empty(zt.shape, dtype=dt), zt.new_empty(zt.shape, dtype=dt)
 
 
-@torch.library.custom_op("fastdistill::pd_target_triton_bwd", mutates_args=())
+@torch.library.custom_op("fastdistill::progressive_distillation_target_triton_bwd", mutates_args=())
 def _pd_target_triton_bwd(gx: Tensor | None, ge: Tensor | None, at: Tensor, st: Tensor, as_: Tensor, ss: Tensor,
                           zt_like: Tensor, zs_like: Tensor) -> tuple[Tensor, Tensor]:
     from fastdistill.kernels import diffusion_steps as k
@@ -474,7 +290,7 @@ def progressive_distillation_target(z_t: Tensor, z_target: Tensor, alpha_t: Tens
             ``sigma = sqrt(1 - abar)``): numbers, 0-d or (B,) tensors; sigma_t > 0 and s != t.
         validate: check sigma_t > 0 and s != t (ValueError otherwise). ``None`` (default): on for CPU
             tensors, off for CUDA tensors, where it costs a host sync; ``True`` opts in (or
-            ``FASTDISTILL_VALUE_CHECKS=1``, see :func:`value_checks_enabled`).
+            ``FASTDISTILL_VALUE_CHECKS=1``, see :func:`~fastdistill.ops._common.value_checks_enabled`).
 
     Returns:
         ``PDTarget(x_target, eps_target)`` shaped like ``z_t``, computed in fp32. Differentiable with
@@ -497,7 +313,7 @@ def progressive_distillation_target(z_t: Tensor, z_target: Tensor, alpha_t: Tens
     ], validate)
     backend = dispatch.select_backend(op, z_t, z_target)
     if backend == "triton":
-        x, e = _pd_target_triton(_as_rows(z_t), _as_rows(z_target), at.float(), st.float(), as_.float(), ss.float())
+        x, e = _pd_target_triton(as_rows(z_t), as_rows(z_target), at.float(), st.float(), as_.float(), ss.float())
         return PDTarget(x.reshape(z_t.shape), e.reshape(z_t.shape))
     return progressive_distillation_target_reference(z_t, z_target, at, st, as_, ss)
 
@@ -574,7 +390,7 @@ def pd_loss(x_student: Tensor, x_target: Tensor, eps_target: Tensor, z_t: Tensor
         alpha_t, sigma_t: per-sample scales at t (numbers, 0-d or (B,) tensors); sigma_t > 0.
         validate: check sigma_t > 0 (ValueError otherwise). ``None`` (default): on for CPU tensors,
             off for CUDA tensors, where it costs a host sync; ``True`` opts in (or
-            ``FASTDISTILL_VALUE_CHECKS=1``, see :func:`value_checks_enabled`).
+            ``FASTDISTILL_VALUE_CHECKS=1``, see :func:`~fastdistill.ops._common.value_checks_enabled`).
 
     Returns:
         A 0-d fp32 tensor (fp64 on the reference backend with fp64 inputs). Only ``x_student``
@@ -592,7 +408,7 @@ def pd_loss(x_student: Tensor, x_target: Tensor, eps_target: Tensor, z_t: Tensor
     raise_on_bad_values(op, device, [not_positive("sigma_t", s)], validate)
     backend = dispatch.select_backend(op, x_student, x_target, eps_target, z_t)
     if backend == "triton":
-        loss, _ = _pd_loss_triton(_as_rows(x_student), _as_rows(x_target.detach()), _as_rows(eps_target.detach()),
-                                  _as_rows(z_t.detach()), a.float(), s.float())
+        loss, _ = _pd_loss_triton(as_rows(x_student), as_rows(x_target.detach()), as_rows(eps_target.detach()),
+                                  as_rows(z_t.detach()), a.float(), s.float())
         return loss
     return pd_loss_reference(x_student, x_target, eps_target, z_t, a, s)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import dispatch
 from .._validation import check_choice, check_per_sample, check_same_device, check_tensor
-from ._common import autocast_op
+from ._common import autocast_op, draw_seed
 
 __all__ = [
     "posterior_sample",
@@ -131,8 +131,6 @@ def _draw_seed(op: str, seed: int | None, generator: torch.Generator | None) -> 
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{op}: generator must be a torch.Generator, got {type(generator).__name__}")
     # Host-side: a CPU draw, or the state of a CUDA generator (no device read, no sync).
-    from .diffusion_steps import draw_seed
-
     return draw_seed(generator, _SEED_LIMIT)
 
 
@@ -255,7 +253,7 @@ def posterior_sample(z_t: Tensor, x_pred: Tensor, alpha_t: Tensor | float, sigma
         generator: the ``torch.Generator`` the noise seed is drawn from (default: torch's global CPU
             one). No host sync either way: a CPU generator draws on the host; a CUDA generator's seed
             is derived from its host-side state (seed, Philox offset), which then advances
-            (:func:`fastdistill.ops.diffusion_steps.draw_seed`): the same generator state gives the same noise.
+            (:func:`fastdistill.ops._common.draw_seed`): the same generator state gives the same noise.
         seed: an explicit Philox seed in ``[0, 2**31 - 1)`` instead of a generator (use it under
             ``torch.compile``: drawing a seed reads a value to the host).
 
@@ -318,14 +316,14 @@ def _(p, a, t, u, w, g, gamma, mode, need_grad):
             torch.empty(p.shape if need_grad else (0,), dtype=p.dtype, device=p.device))
 
 
-@torch.library.custom_op("fastdistill::mm_scale_triton", mutates_args=())
-def _mm_scale_triton(src: Tensor, go: Tensor) -> Tensor:
+@torch.library.custom_op("fastdistill::mm_loss_triton_bwd", mutates_args=())
+def _mm_loss_triton_bwd(src: Tensor, go: Tensor) -> Tensor:
     from fastdistill.kernels import moment_matching as k
 
     return k.scale(src, go)
 
 
-@_mm_scale_triton.register_fake
+@_mm_loss_triton_bwd.register_fake
 def _(src, go):
     return torch.empty_like(src)
 
@@ -337,7 +335,7 @@ def _mm_loss_setup(ctx, inputs, output):
 def _mm_loss_backward(ctx, go, _go_grad):
     (grad,) = ctx.saved_tensors
     # The gradient was written by the forward pass; only the upstream scalar is applied here.
-    return _mm_scale_triton(grad, go.reshape(())), None, None, None, None, None, None, None, None
+    return _mm_loss_triton_bwd(grad, go.reshape(())), None, None, None, None, None, None, None, None
 
 
 _mm_loss_triton.register_autograd(_mm_loss_backward, setup_context=_mm_loss_setup)
@@ -483,7 +481,7 @@ def moment_statistics_reference(x: Tensor, dims: Sequence[int], weight: Tensor |
     return mean.squeeze(dims), var
 
 
-@torch.library.custom_op("fastdistill::moment_stats_triton", mutates_args=())
+@torch.library.custom_op("fastdistill::moment_statistics_triton", mutates_args=())
 def _stats_triton(x3: Tensor, w3: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     from fastdistill.kernels import moment_matching as k
 
@@ -497,7 +495,7 @@ def _(x3, w3):
     return tuple(torch.empty((K,), dtype=acc, device=x3.device) for _ in range(3))
 
 
-@torch.library.custom_op("fastdistill::moment_stats_triton_bwd", mutates_args=())
+@torch.library.custom_op("fastdistill::moment_statistics_triton_bwd", mutates_args=())
 def _stats_triton_bwd(x3: Tensor, w3: Tensor | None, coef_mean: Tensor, coef_m2: Tensor, gn: Tensor, mean: Tensor,
                       need_w: bool) -> tuple[Tensor, Tensor]:
     from fastdistill.kernels import moment_matching as k

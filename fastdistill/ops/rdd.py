@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from .. import dispatch
 from .._validation import check_choice, check_positive, check_same_device, check_tensor
 from ..distributed import gather_rows
-from .diffusion_steps import value_checks_enabled
-from ._common import autocast_op
+from ._common import autocast_op, value_checks_enabled
 from .relational_kl import l2_normalize, relational_kl_core
 
 dispatch.register_op("fused_rdd_loss", ["triton"])
@@ -48,7 +47,10 @@ def _check_maps(op: str, student: object, teacher: object, *, same_channels: boo
 _EPS = 1e-12
 
 
-@torch.library.custom_op("fastdistill::pixel_normalize_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+# Triton custom ops of the fused pixel normalisation (bodies call the kernels/relational_kl.py launchers;
+# the reference is plain PyTorch in :func:`pixels`, outside any custom op).
+
+@torch.library.custom_op("fastdistill::pixel_normalize_triton", mutates_args=(), device_types=("cpu", "cuda"))
 def _pixnorm_fwd_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from fastdistill.kernels import relational_kl as K
 
@@ -61,7 +63,8 @@ def _pixnorm_fwd_fake(x):
     return x.new_empty((B * H * W, C)), x.new_empty((B * H * W,), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastdistill::pixel_normalize_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("fastdistill::pixel_normalize_triton_bwd", mutates_args=(),
+                         device_types=("cpu", "cuda"))
 def _pixnorm_bwd_op(dy: torch.Tensor, y: torch.Tensor, rn: torch.Tensor, shape: list[int],
                     channels_last: bool) -> torch.Tensor:
     from fastdistill.kernels import relational_kl as K
@@ -175,7 +178,7 @@ def memory_p2p_loss(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Te
         check_index: verify that the index values lie in ``[0, M)`` (ValueError otherwise). ``None``
             (default): on for CPU tensors, off for CUDA tensors, where the check costs a host sync;
             ``True`` opts in there (so does ``FASTDISTILL_VALUE_CHECKS=1``, see
-            :func:`fastdistill.ops.diffusion_steps.value_checks_enabled`), ``False`` skips it. An
+            :func:`fastdistill.ops._common.value_checks_enabled`), ``False`` skips it. An
             out-of-range index unchecked reads outside the bank.
         process_group: ``None`` (default, as the official code): the mean over this rank's pixels.
             ``fastdistill.distributed.WORLD`` or a ProcessGroup: student and teacher maps are all-gathered

@@ -2,11 +2,16 @@
 segment), with ``l_X[i, j] = <q_X[i], k_X[j]> / tau``, never materialising the rows x keys matrix.
 
 This module holds the shared core used by :func:`relational_kl`, :func:`fastdistill.fused_rdd_loss`,
-:func:`fastdistill.memory_p2p_loss` and :func:`fastdistill.attention_kl`: one pair of custom ops
-(``fastdistill::relational_kl_fwd`` / ``_bwd``) over 4-D ``(G1, G2, rows, channels)`` tensors with
-separate student and teacher logit scales, optional key segments and an optional key index. The
-``triton`` backend streams tiles (``kernels/relational_kl.py``); the ``reference`` backend is the
-same math in plain PyTorch, chunked over rows so that it also runs in bounded memory.
+:func:`fastdistill.memory_p2p_loss` and :func:`fastdistill.attention_kl` (:func:`relational_kl_core`,
+over 4-D ``(G1, G2, rows, channels)`` tensors with separate student and teacher logit scales, optional
+key segments and an optional key index), in the op pattern of docs/architecture.md:
+
+* ``reference`` backend (:func:`relational_kl_core_reference`): the same math in plain PyTorch,
+  differentiated by autograd, chunked over rows with ``torch.utils.checkpoint`` per chunk so that
+  forward and backward run in O(chunk x keys) memory; traced and fused by ``torch.compile``.
+* ``triton`` backend: the Triton-only custom ops ``fastdistill::relational_kl_triton`` (forward) and
+  ``fastdistill::relational_kl_triton_bwd`` (backward, registered as its autograd), whose bodies call
+  the launchers of ``kernels/relational_kl.py`` (tiles streamed, the logits never formed).
 
 No gradient flows to the teacher tensors (they are constants of the loss, as under ``no_grad`` in
 RDD) nor to keys read through an index (the memory bank). Double backward is not supported.
@@ -18,6 +23,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .. import dispatch
 from .._validation import check_choice, check_positive, check_same_device, check_tensor
@@ -33,7 +39,7 @@ _REF_CHUNK_ELEMS = 1 << 22
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference backend: chunked plain PyTorch (same math as the kernels)
+# Reference backend: plain PyTorch, differentiated by autograd, row-chunked with checkpointing
 
 def _acc_dtype(*ts: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
@@ -54,97 +60,122 @@ def _ref_chunks(G: int, N: int, M: int):
         yield r0, min(N, r0 + rc)
 
 
-def _ref_fwd(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, S):
+class _ShieldedBmmNT(torch.autograd.Function):
+    """``a @ b^T`` (batched) whose forward and backward GEMMs never see the caller's autocast.
+
+    The engine runs backward nodes under the autocast state of the ``backward()`` call, so a plain
+    ``bmm`` of the reference would become a bf16 GEMM in a backward called inside an autocast block,
+    while the Triton backward (``no_autocast`` in :func:`_backward`) computes in fp32. Only the two
+    GEMMs of the product rule are written here; the softmax/KL math is autograd's."""
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with no_autocast(autocast_device_type(a)):
+            return torch.bmm(a, b.transpose(1, 2))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        da = db = None
+        with no_autocast(autocast_device_type(g)):
+            if ctx.needs_input_grad[0]:
+                da = torch.bmm(g, b)
+            if ctx.needs_input_grad[1]:
+                db = torch.bmm(g.transpose(1, 2), a)
+        return da, db
+
+
+def _bmm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # a compiled graph fixes its backward at trace time: plain bmm
+        return torch.bmm(a, b.transpose(1, 2))
+    return _ShieldedBmmNT.apply(a, b)
+
+
+def _ref_chunk_kl(qs: torch.Tensor, ks: torch.Tensor, qt: torch.Tensor, kt: torch.Tensor, scale_s: float,
+                  scale_t: float, S: int) -> torch.Tensor:
+    """KL ``(G, n, M // S)`` of one row chunk: ``qs``/``qt`` ``(G, n, C)``, ``ks``/``kt`` ``(G, M, C)``."""
+    G, n = qs.shape[0], qs.shape[1]
+    nseg = ks.shape[1] // S
+    s = (_bmm_nt(qs, ks) * scale_s).view(G, n, nseg, S)
+    t = (_bmm_nt(qt, kt) * scale_t).view(G, n, nseg, S)
+    lse_s = torch.logsumexp(s, dim=-1)
+    lse_t = torch.logsumexp(t, dim=-1)
+    p_t = torch.exp(t - lse_t.unsqueeze(-1))
+    return (p_t * (t - s)).sum(-1) - lse_t + lse_s
+
+
+def relational_kl_core_reference(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, *,
+                                 scale_s: float, scale_t: float, segment_size: int,
+                                 k_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The ``reference`` backend of :func:`relational_kl_core`: same inputs, same fp32 result.
+
+    Plain PyTorch differentiated by autograd, computed in fp32 (fp64 when any input is fp64). Rows are
+    processed in chunks of ``_REF_CHUNK_ELEMS // (groups x keys)``; each chunk runs under
+    ``torch.utils.checkpoint`` (non-reentrant), so only the inputs are kept for the backward and the
+    chunk's logits are recomputed there: memory is O(chunk x keys) in forward and backward. ``q_t`` and
+    ``k_t`` are detached; keys read through ``k_index`` get no gradient; ``q_s is k_s`` adds both
+    contributions in that tensor (autograd)."""
     G1, G2, N, _ = q_s.shape
+    same_s, same_t = k_s is q_s and k_index is None, k_t is q_t and k_index is None
+    q_t, k_t = q_t.detach(), k_t.detach()
+    if k_index is not None:
+        k_s = k_s.detach()
     dt = _acc_dtype(q_s, k_s, q_t, k_t)
     qs, qt = _flat3(q_s, dt), _flat3(q_t, dt)
-    ks, kt = _ref_keys(k_s, k_index, dt), _ref_keys(k_t, k_index, dt)
+    ks = qs if same_s else _ref_keys(k_s, k_index, dt)
+    kt = qt if same_t else _ref_keys(k_t, k_index, dt)
     G, M = qs.shape[0], ks.shape[1]
-    nseg = M // S
-    kls, lss, lts = [], [], []
+    S = int(segment_size)
+    grad = torch.is_grad_enabled() and (qs.requires_grad or ks.requires_grad)
+    kls = []
     for r0, r1 in _ref_chunks(G, N, M):
-        s = (torch.bmm(qs[:, r0:r1], ks.transpose(1, 2)) * scale_s).view(G, r1 - r0, nseg, S)
-        t = (torch.bmm(qt[:, r0:r1], kt.transpose(1, 2)) * scale_t).view(G, r1 - r0, nseg, S)
-        lse_s = torch.logsumexp(s, dim=-1)
-        lse_t = torch.logsumexp(t, dim=-1)
-        p_t = torch.exp(t - lse_t.unsqueeze(-1))
-        kls.append((p_t * (t - s)).sum(-1) - lse_t + lse_s)
-        lss.append(lse_s)
-        lts.append(lse_t)
-    shape = (G1, G2, N, nseg)
-    return (torch.cat(kls, 1).float().reshape(shape), torch.cat(lss, 1).float().reshape(shape),
-            torch.cat(lts, 1).float().reshape(shape))
-
-
-def _ref_bwd(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t, S, need_dq, need_dk):
-    G1, G2, N, CS = q_s.shape
-    dt = _acc_dtype(q_s, k_s, q_t, k_t)
-    qs, qt = _flat3(q_s, dt), _flat3(q_t, dt)
-    ks, kt = _ref_keys(k_s, k_index, dt), _ref_keys(k_t, k_index, dt)
-    G, M = qs.shape[0], ks.shape[1]
-    nseg = M // S
-    dkl = dkl.reshape(G, N, nseg).to(dt)
-    lse_s = lse_s.reshape(G, N, nseg).to(dt)
-    lse_t = lse_t.reshape(G, N, nseg).to(dt)
-    dq = torch.zeros(G, N, CS, dtype=dt, device=q_s.device) if need_dq else None
-    dk = torch.zeros(G, M, CS, dtype=dt, device=q_s.device) if need_dk else None
-    for r0, r1 in _ref_chunks(G, N, M):
-        n = r1 - r0
-        s = (torch.bmm(qs[:, r0:r1], ks.transpose(1, 2)) * scale_s).view(G, n, nseg, S)
-        t = (torch.bmm(qt[:, r0:r1], kt.transpose(1, 2)) * scale_t).view(G, n, nseg, S)
-        p_s = torch.exp(s - lse_s[:, r0:r1].unsqueeze(-1))
-        p_t = torch.exp(t - lse_t[:, r0:r1].unsqueeze(-1))
-        ds = ((p_s - p_t) * (dkl[:, r0:r1] * scale_s).unsqueeze(-1)).view(G, n, M)
-        if need_dq:
-            dq[:, r0:r1] = torch.bmm(ds, ks)
-        if need_dk:
-            dk += torch.bmm(ds.transpose(1, 2), qs[:, r0:r1])
-    dq = dq.reshape(G1, G2, N, CS).float() if dq is not None and dt != torch.float64 else (
-        dq.reshape(G1, G2, N, CS) if dq is not None else None)
-    dk = dk.reshape(G1, G2, M, CS).float() if dk is not None and dt != torch.float64 else (
-        dk.reshape(G1, G2, M, CS) if dk is not None else None)
-    return dq, dk
+        args = (qs[:, r0:r1], ks, qt[:, r0:r1], kt, float(scale_s), float(scale_t), S)
+        if grad:  # preserve_rng_state=False: no RNG here, and reading the CUDA RNG state would sync
+            kls.append(checkpoint(_ref_chunk_kl, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            kls.append(_ref_chunk_kl(*args))
+    kl = kls[0] if len(kls) == 1 else torch.cat(kls, 1)
+    return kl.float().reshape(G1, G2, N, M // S)
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops (opaque to torch.compile; fake kernels give shapes, autograd is registered below)
+# Triton custom ops (opaque to torch.compile; fake kernels give shapes, autograd is registered below).
+# Their bodies only call the kernels/relational_kl.py launchers.
 
 def _nseg(k_s: torch.Tensor, k_index: Optional[torch.Tensor], S: int) -> int:
     M = k_index.shape[0] if k_index is not None else k_s.shape[2]
     return M // S
 
 
-@torch.library.custom_op("fastdistill::relational_kl_fwd", mutates_args=(), device_types=("cpu", "cuda"))
-def _fwd_op(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
-            k_index: Optional[torch.Tensor], scale_s: float, scale_t: float, segment_size: int,
-            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from fastdistill.kernels import relational_kl as K
+@torch.library.custom_op("fastdistill::relational_kl_triton", mutates_args=(), device_types=("cpu", "cuda"))
+def _triton_op(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+               k_index: Optional[torch.Tensor], scale_s: float, scale_t: float,
+               segment_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastdistill.kernels import relational_kl as K
 
-        return K.relational_kl_fwd(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size)
-    return _ref_fwd(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size)
+    return K.relational_kl_fwd(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size)
 
 
-@_fwd_op.register_fake
-def _fwd_fake(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size, backend):
+@_triton_op.register_fake
+def _triton_fake(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size):
     shape = (*q_s.shape[:3], _nseg(k_s, k_index, segment_size))
     return (q_s.new_empty(shape, dtype=torch.float32), q_s.new_empty(shape, dtype=torch.float32),
             q_s.new_empty(shape, dtype=torch.float32))
 
 
-@torch.library.custom_op("fastdistill::relational_kl_bwd", mutates_args=(), device_types=("cpu", "cuda"))
-def _bwd_op(dkl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
-            k_index: Optional[torch.Tensor], lse_s: torch.Tensor, lse_t: torch.Tensor, scale_s: float,
-            scale_t: float, segment_size: int, need_dq: bool, need_dk: bool,
-            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from fastdistill.kernels import relational_kl as K
+@torch.library.custom_op("fastdistill::relational_kl_triton_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+def _triton_bwd_op(dkl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+                   k_index: Optional[torch.Tensor], lse_s: torch.Tensor, lse_t: torch.Tensor, scale_s: float,
+                   scale_t: float, segment_size: int, need_dq: bool,
+                   need_dk: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastdistill.kernels import relational_kl as K
 
-        dq, dk = K.relational_kl_bwd(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t,
-                                     segment_size, need_dq, need_dk)
-    else:
-        dq, dk = _ref_bwd(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t, segment_size,
-                          need_dq, need_dk)
+    dq, dk = K.relational_kl_bwd(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t,
+                                 segment_size, need_dq, need_dk)
     # Gradients come back in the inputs' dtypes; an unneeded one is an empty placeholder (custom ops
     # cannot return None).
     dq = dq.to(q_s.dtype) if dq is not None else q_s.new_empty((0,))
@@ -152,36 +183,39 @@ def _bwd_op(dkl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.
     return dq, dk
 
 
-@_bwd_op.register_fake
-def _bwd_fake(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t, segment_size, need_dq, need_dk,
-              backend):
+@_triton_bwd_op.register_fake
+def _triton_bwd_fake(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t, segment_size, need_dq,
+                     need_dk):
     dq = q_s.new_empty(q_s.shape) if need_dq else q_s.new_empty((0,))
     dk = k_s.new_empty(k_s.shape) if need_dk else k_s.new_empty((0,))
     return dq, dk
 
 
 def _setup_context(ctx, inputs, output):
-    q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size, backend = inputs
+    q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size = inputs
     _, lse_s, lse_t = output
     ctx.save_for_backward(q_s, k_s, q_t, k_t, k_index, lse_s, lse_t)
-    ctx.args = (scale_s, scale_t, segment_size, backend)
+    ctx.args = (scale_s, scale_t, segment_size)
 
 
 def _backward(ctx, dkl, _dlse_s, _dlse_t):
     q_s, k_s, q_t, k_t, k_index, lse_s, lse_t = ctx.saved_tensors
-    scale_s, scale_t, segment_size, backend = ctx.args
+    scale_s, scale_t, segment_size = ctx.args
     need_dq = ctx.needs_input_grad[0]
     need_dk = ctx.needs_input_grad[1] and k_index is None
     if not (need_dq or need_dk):
-        return None, None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     with no_autocast(autocast_device_type(dkl)):  # a backward run inside the caller's autocast block
-        dq, dk = _bwd_op(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t, segment_size,
-                         need_dq, need_dk, backend)
-    return (dq if need_dq else None, dk if need_dk else None, None, None, None, None, None, None, None)
+        dq, dk = _triton_bwd_op(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t, segment_size,
+                                need_dq, need_dk)
+    return (dq if need_dq else None, dk if need_dk else None, None, None, None, None, None, None)
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_triton_op.register_autograd(_backward, setup_context=_setup_context)
 
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch point of the relational family
 
 def relational_kl_core(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, *,
                        scale_s: float, scale_t: float, segment_size: int, backend: str,
@@ -189,12 +223,19 @@ def relational_kl_core(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, 
     """Per-(group, row, segment) KL, fp32 ``(G1, G2, N, NSEG)``, on validated 4-D inputs.
 
     The shared core of every relational op (callers validate and pick ``backend`` through
-    :mod:`fastdistill.dispatch`). Differentiable w.r.t. ``q_s`` and ``k_s`` (``k_s`` only without
-    ``k_index``); when ``q_s is k_s`` both gradient contributions add up in that tensor.
+    :mod:`fastdistill.dispatch`): ``"triton"`` runs the ``fastdistill::relational_kl_triton`` custom op,
+    ``"reference"`` :func:`relational_kl_core_reference`. Differentiable w.r.t. ``q_s`` and ``k_s``
+    (``k_s`` only without ``k_index``); when ``q_s is k_s`` both gradient contributions add up in that
+    tensor. ``q_t`` and ``k_t`` get no gradient.
     """
-    kl, _, _ = _fwd_op(q_s, k_s, q_t.detach(), k_t.detach(), k_index, float(scale_s), float(scale_t),
-                       int(segment_size), backend)
-    return kl
+    if backend == "triton":
+        kl, _, _ = _triton_op(q_s, k_s, q_t.detach(), k_t.detach(), k_index, float(scale_s), float(scale_t),
+                              int(segment_size))
+        return kl
+    if backend != "reference":
+        raise ValueError(f"relational_kl_core: backend must be 'triton' or 'reference', got {backend!r}")
+    return relational_kl_core_reference(q_s, k_s, q_t, k_t, scale_s=scale_s, scale_t=scale_t,
+                                        segment_size=segment_size, k_index=k_index)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 
 from .. import _extension, dispatch
 from .._validation import check_choice, check_per_sample, check_tensor
-from ._common import autocast_op
+from ._common import autocast_op, value_checks_enabled
 
 OP_ROUTE = "segment_route"
 OP_PERMUTE = "segment_permute"
@@ -284,8 +284,6 @@ def segment_route(timesteps: torch.Tensor, boundaries: BoundariesArg, *,
     timesteps = _check_timesteps(OP_ROUTE, timesteps)
     values = check_boundaries(OP_ROUTE, boundaries, num_train_timesteps=num_train_timesteps)
     routing = _route(timesteps, boundaries_tensor(values, timesteps.device))
-    from .diffusion_steps import value_checks_enabled
-
     if value_checks_enabled(timesteps.device):  # on CPU (free there); opt-in on CUDA: a host sync
         routing.host_offsets()  # raises now for out-of-range timesteps
     return routing
