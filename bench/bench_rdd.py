@@ -11,13 +11,30 @@ Cases (GPU, bf16, as issue 3 / issue 6 list them):
 On CPU the same cases at tiny sizes (fp32) so that ``pytest bench --benchmark`` runs here; there the
 fastdistill provider is the reference backend and the numbers only show that it runs.
 
-FLOPs (only GEMM FLOPs, 2mnk per (m x k)(k x n) product), with N query rows, M keys, C channels:
-* IS_P2P fwd+bwd: forward 2 x 2NMC (student and teacher logits); backward recomputes both (2 x 2NMC)
-  and applies dS.K and dS^T.Q (2 x 2NMC): 12 NMC, with N = M = B*P.
-* memory fwd+bwd: 4 NMC forward, backward recomputes both (4 NMC) and dS.K (2 NMC): 10 NMC (N = B*P, M = 4096).
-* attention_kl fwd+bwd: like IS_P2P with C = d per (batch, head): 12 * B*H * L^2 * d.
-The floor is FLOPs over the measured bf16 matmul rate (cases b-e are compute-bound) or, for (a), the
-bytes of the two feature maps read once and the student gradient written once over the copy bandwidth.
+Executed GEMM FLOPs, in units of one full ``N x M x C`` GEMM (``2NMC``; asserted by
+tests/test_flop_counts.py, which counts every ``tl.dot`` and torch GEMM the kernels run):
+
+=============================== ========================== ===================== ===================== =====
+op                              fast path (default)        deterministic         chunked (C_s > 256)   eager
+=============================== ========================== ===================== ===================== =====
+IS_P2P (fused_rdd_loss)         2 + 2 = 4 (symmetric)      2 + 3 = 5             2 + 2 = 4             4
+memory (memory_p2p_loss)        2 + 3 = 5 (rows)           2 + 3 = 5             2 + 3 = 5             3
+attention_kl                    2 + 4 = 6 (one-pass)       2 + 6 = 8 (two-pass)  2 + 4 = 6             4
+=============================== ========================== ===================== ===================== =====
+
+(forward + backward; "deterministic" = under ``torch.use_deterministic_algorithms(True)``; the symmetric
+path's count is for many tiles: each unordered tile pair once, the diagonal tiles cost ``1/T`` more.)
+
+The floor (bench/harness.py) = max(GEMM FLOPs / matmul rate, bytes / copy bandwidth, exps / exp rate):
+
+* GEMM FLOPs: the *eager* column (the dense formula differentiated by autograd), so the fraction of the
+  floor does not reward a kernel for its own recomputation: IS_P2P 4 units = ``8 N^2 C`` (N = M = B*P),
+  memory 3 units = ``6 N K C`` (N = B*P, K = 4096), attention_kl 4 units = ``8 B H L^2 d``.
+* exponentials, as the fast kernels execute them: forward ``exp(s - m_s)`` and ``exp(t - m_t)`` per logit
+  pair (2 per element; the per-row rescales are O(rows x key tiles) and left out), backward ``p_s`` and
+  ``p_t`` once per element (one recompute: 2 per element): 4 per (row, key) element in all three cases.
+* bytes: the two feature maps read once and the student gradient written once (memory: plus the contrast
+  rows; attention_kl: the four inputs read, the two gradients written).
 Peak memory is incremental (over what the inputs already hold).
 """
 
@@ -95,8 +112,9 @@ def test_fused_rdd_loss(case):
     N = B * H * W
     e = s.element_size()
     harness.run_case("fused_rdd_loss", case, _providers(fastdistill.fused_rdd_loss, eager_is_p2p, (s, t), [s]),
-                     mode="fwd+bwd", flops=12.0 * N * N * C, bytes_moved=3.0 * e * N * C,
-                     extra={"dtype": str(DTYPE), "B": B, "C": C, "P": H * W})
+                     mode="fwd+bwd", flops=8.0 * N * N * C, bytes_moved=3.0 * e * N * C, exps=4.0 * N * N,
+                     extra={"dtype": str(DTYPE), "B": B, "C": C, "P": H * W, "gemm_units_executed": 4,
+                            "gemm_units_eager": 4})
 
 
 @pytest.mark.parametrize("case", list(MEM_CASES))
@@ -114,8 +132,9 @@ def test_memory_p2p_loss(case):
     N = B * H * W
     e = s.element_size()
     harness.run_case("memory_p2p_loss", case, _providers(fast, eager_memory, (s, t, bank, idx), [s]),
-                     mode="fwd+bwd", flops=10.0 * N * K * C, bytes_moved=e * (3.0 * N * C + K * C),
-                     extra={"dtype": str(DTYPE), "rows": N, "contrast": K, "C": C})
+                     mode="fwd+bwd", flops=6.0 * N * K * C, bytes_moved=e * (3.0 * N * C + K * C),
+                     exps=4.0 * N * K, extra={"dtype": str(DTYPE), "rows": N, "contrast": K, "C": C,
+                                              "gemm_units_executed": 5, "gemm_units_eager": 3})
 
 
 @pytest.mark.parametrize("case", list(ATTN_CASES))
@@ -127,5 +146,6 @@ def test_attention_kl(case):
     e = q_s.element_size()
     harness.run_case("attention_kl", case,
                      _providers(fastdistill.attention_kl, eager_attention_kl, (q_s, k_s, q_t, k_t), [q_s, k_s]),
-                     mode="fwd+bwd", flops=12.0 * B * Hh * L * L * d, bytes_moved=6.0 * e * B * Hh * L * d,
-                     extra={"dtype": str(DTYPE), "B": B, "H": Hh, "L": L, "d": d})
+                     mode="fwd+bwd", flops=8.0 * B * Hh * L * L * d, bytes_moved=6.0 * e * B * Hh * L * d,
+                     exps=4.0 * B * Hh * L * L, extra={"dtype": str(DTYPE), "B": B, "H": Hh, "L": L, "d": d,
+                                                       "gemm_units_executed": 6, "gemm_units_eager": 4})

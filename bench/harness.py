@@ -2,8 +2,19 @@
 
 Every benchmark compares, in one run on one device, fastdistill against the eager PyTorch a
 user would write, ``torch.compile`` of it, and a peer where one exists. For each case it records
-the median time (fwd and/or fwd+bwd), the floor (bytes over the measured copy bandwidth, FLOPs
-over the measured matmul rate), the fraction of the floor reached and peak memory.
+the median time (fwd and/or fwd+bwd), the floor, the fraction of the floor reached and peak memory.
+
+The floor has three terms, each a count over a rate measured in the same run on the same device
+(:func:`ceilings`); the largest binds and is recorded (``floor_term``):
+
+* GEMM FLOPs / the bf16 matmul rate (fp32 on CPU). The FLOPs are the *eager* formula's minimal count
+  (the dense formula differentiated by autograd), never the kernel's own executed count: a kernel that
+  recomputes does not lower its own bar (the executed counts are asserted in tests/test_flop_counts.py
+  and stated in each benchmark's docstring);
+* bytes / the copy bandwidth (read + write);
+* exponentials / the exp rate: a small Triton kernel running a chain of ``exp2`` per loaded element
+  (SFU-bound; on CPU ``torch.exp`` instead). The count is what the fused kernels execute (softmax
+  recomputes included), as each benchmark's docstring derives it.
 
 GPU work is timed with ``triton.testing.do_bench`` (CUDA events, median); pytest-benchmark's own
 timer does not synchronise the GPU. On CPU a plain ``perf_counter`` loop is used (small sizes:
@@ -82,9 +93,55 @@ def peak_memory_bytes(fn: Callable[[], Any]) -> dict[str, int | None]:
     return {"incremental": peak - base, "absolute": peak}
 
 
+# The exp-rate kernel: a dependent chain of exp2 per element, EXP_ITERS deep; the values stay in [0.7, 1]
+# (x -> 2^(-x/2)), so nothing overflows or flushes and the compiler cannot fold the chain away.
+EXP_ITERS = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _exp_chain_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _exp_chain(X, Y, n, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        x = tl.load(X + offs, mask=m, other=0.0)
+        for _ in range(ITERS):
+            x = tl.exp2(x * -0.5)  # one MUFU ex2 (and one FMUL) per step
+        tl.store(Y + offs, x, mask=m)
+
+    return _exp_chain
+
+
+def measure_exp_rate() -> float:
+    """Exponentials per second: on a GPU the Triton exp2 chain over 2^24 fp32 elements (EXP_ITERS per
+    element: SFU-bound, the loads and stores are ~1% of the time); on CPU ``torch.exp`` of 2^22 floats."""
+    dev = device()
+    if dev.type == "cuda":
+        import triton
+
+        n, block = 1 << 24, 1024
+        x = torch.rand(n, device=dev)
+        y = torch.empty_like(x)
+        k = _exp_chain_kernel()
+        grid = (triton.cdiv(n, block),)
+        t = time_ms(lambda: k[grid](x, y, n, ITERS=EXP_ITERS, BLOCK=block, num_warps=4))["median"] / 1e3
+        if not bool(torch.isfinite(y).all()):  # a broken kernel must not become a ceiling
+            raise RuntimeError("exp-rate kernel produced non-finite values")
+        return n * EXP_ITERS / t
+    n = 1 << 22
+    x = torch.rand(n)
+    y = torch.empty_like(x)
+    t = time_ms(lambda: torch.exp(x, out=y))["median"] / 1e3
+    return n / t
+
+
 @functools.lru_cache(maxsize=None)
 def ceilings() -> dict[str, float]:
-    """Measured copy bandwidth (bytes/s, read + write counted) and bf16 matmul rate (FLOP/s)."""
+    """Measured copy bandwidth (bytes/s, read + write counted), bf16 matmul rate (FLOP/s; fp32 on CPU)
+    and exp rate (exponentials/s, :func:`measure_exp_rate`), all in this process on :func:`device`."""
     dev = device()
     if dev.type == "cuda":
         n = 1 << 28  # 512 MiB of bf16 read + 512 MiB written: far beyond L2
@@ -109,12 +166,29 @@ def ceilings() -> dict[str, float]:
         a, b = torch.randn(m, m), torch.randn(m, m)
         t = time_ms(lambda: a @ b)["median"] / 1e3
         rate = 2 * m**3 / t
-    return {"copy_bytes_per_s": bw, "matmul_flop_per_s": rate}
+    return {"copy_bytes_per_s": bw, "matmul_flop_per_s": rate, "exp_per_s": measure_exp_rate()}
 
 
-def floor_ms(*, flops: float = 0.0, bytes_moved: float = 0.0) -> float:
+FLOOR_TERMS = ("gemm", "bytes", "exp")
+
+
+def floor_terms(*, flops: float = 0.0, bytes_moved: float = 0.0, exps: float = 0.0) -> dict[str, float]:
+    """Milliseconds of each floor term: ``{"gemm": flops / matmul rate, "bytes": bytes / copy bandwidth,
+    "exp": exps / exp rate}``."""
     c = ceilings()
-    return 1e3 * max(flops / c["matmul_flop_per_s"], bytes_moved / c["copy_bytes_per_s"])
+    return {"gemm": 1e3 * flops / c["matmul_flop_per_s"], "bytes": 1e3 * bytes_moved / c["copy_bytes_per_s"],
+            "exp": 1e3 * exps / c["exp_per_s"]}
+
+
+def floor_ms(*, flops: float = 0.0, bytes_moved: float = 0.0, exps: float = 0.0) -> float:
+    """The floor: the largest of :func:`floor_terms`."""
+    return max(floor_terms(flops=flops, bytes_moved=bytes_moved, exps=exps).values())
+
+
+def binding_term(*, flops: float = 0.0, bytes_moved: float = 0.0, exps: float = 0.0) -> str:
+    """Which floor term binds (``"gemm"``, ``"bytes"`` or ``"exp"``)."""
+    terms = floor_terms(flops=flops, bytes_moved=bytes_moved, exps=exps)
+    return max(FLOOR_TERMS, key=lambda k: terms[k])
 
 
 @dataclass
@@ -126,7 +200,7 @@ class Result:
     ms: float
     p20: float
     p80: float
-    flops: float
+    flops: float  # the eager formula's minimal GEMM FLOPs (the floor's count)
     bytes_moved: float
     floor_ms: float
     fraction_of_floor: float
@@ -134,17 +208,23 @@ class Result:
     peak_absolute_bytes: int | None
     device: str
     extra: dict[str, Any] = field(default_factory=dict)
+    exps: float = 0.0
+    floor_term: str = "gemm"  # which floor term binds: "gemm", "bytes" or "exp"
 
 
 def run_case(op: str, case: str, providers: dict[str, Callable[[], Any]], *, mode: str,
-             flops: float = 0.0, bytes_moved: float = 0.0, warmup_ms: float = 25, rep_ms: float = 100,
-             extra: dict[str, Any] | None = None) -> list[Result]:
+             flops: float = 0.0, bytes_moved: float = 0.0, exps: float = 0.0, warmup_ms: float = 25,
+             rep_ms: float = 100, extra: dict[str, Any] | None = None) -> list[Result]:
     """Time every provider on the same inputs and record the results (and return them).
+
+    ``flops``: the eager formula's minimal GEMM FLOPs; ``bytes_moved``: bytes read + written once;
+    ``exps``: the exponentials the fused kernels execute (see the module docstring for the floor).
 
     A provider that raises (say, torch.compile unsupported, or out of memory) is recorded with
     ``ms = nan`` and the error in ``extra`` rather than aborting the whole comparison.
     """
-    fl = floor_ms(flops=flops, bytes_moved=bytes_moved)
+    fl = floor_ms(flops=flops, bytes_moved=bytes_moved, exps=exps)
+    term = binding_term(flops=flops, bytes_moved=bytes_moved, exps=exps)
     out = []
     name = torch.cuda.get_device_name() if on_gpu() else "cpu"
     for provider, fn in providers.items():
@@ -162,14 +242,14 @@ def run_case(op: str, case: str, providers: dict[str, Callable[[], Any]], *, mod
                    flops=flops, bytes_moved=bytes_moved, floor_ms=fl,
                    fraction_of_floor=(fl / t["median"]) if t["median"] == t["median"] and t["median"] > 0 else math.nan,
                    peak_incremental_bytes=mem["incremental"], peak_absolute_bytes=mem["absolute"],
-                   device=name, extra=info)
+                   device=name, extra=info, exps=exps, floor_term=term)
         out.append(r)
         RESULTS.append(r)
         fixture, used = _PLUGIN_FIXTURE
         if provider == "fastdistill" and fixture is not None and not used and "error" not in info:
             _PLUGIN_FIXTURE[1] = True
             fixture.extra_info.update({"case": case, "mode": mode, "median_ms_events": t["median"],
-                                       "floor_ms": fl})
+                                       "floor_ms": fl, "floor_term": term})
 
             def synced() -> None:
                 fn()

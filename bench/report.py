@@ -15,7 +15,7 @@ Writes, under bench/results/ (or --out):
     <device>-<date>.png    speed-up of fastdistill over eager and torch.compile per case
 
 Numbers come only from this run on this device: commit the three files with the device name.
-The ceilings (copy bandwidth, matmul rate) are measured in the same run, whatever the selection.
+The ceilings (copy bandwidth, matmul rate, exp rate) are measured in the same run, whatever the selection.
 """
 
 from __future__ import annotations
@@ -115,11 +115,14 @@ def markdown(payload: dict) -> str:
         "",
         f"commit `{payload['commit']}`, torch {payload['torch']}, triton {payload['triton']}, CUDA {payload['cuda']}.",
         f"Measured ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "
-        f"matmul {c['matmul_flop_per_s'] / 1e12:.1f} TFLOP/s (bf16 on GPU, fp32 on CPU).",
-        "Floor = max(FLOPs / matmul rate, bytes / copy bandwidth). Times are medians (CUDA events on GPU).",
+        f"matmul {c['matmul_flop_per_s'] / 1e12:.1f} TFLOP/s (bf16 on GPU, fp32 on CPU)"
+        + (f", exp {c['exp_per_s'] / 1e12:.2f} Texp/s (Triton exp2 chain on GPU, torch.exp on CPU)."
+           if "exp_per_s" in c else " (no exp rate in this payload)."),
+        "Floor = max(eager's minimal GEMM FLOPs / matmul rate, bytes / copy bandwidth, the kernels' "
+        "exponentials / exp rate); \"bound\" names the term that binds. Times are medians (CUDA events on GPU).",
         "",
-        "| op | case | mode | provider | ms | vs eager | vs torch.compile | % of floor | peak (incremental) |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| op | case | mode | provider | ms | vs eager | vs torch.compile | % of floor | bound | peak (incremental) |",
+        "|---|---|---|---|---:|---:|---:|---:|---|---:|",
     ]
     by_key: dict[tuple, dict[str, float]] = {}
     for r in rows:
@@ -131,12 +134,11 @@ def markdown(payload: dict) -> str:
                               and ref[base] == ref[base] else "-")
         frac = r["fraction_of_floor"]
         err = f" ({r['extra']['error'][:60]})" if r.get("extra", {}).get("error") else ""
+        pct = f"{100 * frac:.1f}%" if frac == frac else "-"
         lines.append(
             f"| {r['op']} | {r['case']} | {r['mode']} | {r['provider']}{err} | {ms:.3f} | {ratio('eager')} | "
-            f"{ratio('torch.compile')} | {100 * frac:.1f}% | {_fmt_bytes(r['peak_incremental_bytes'])} |"
-            if frac == frac else
-            f"| {r['op']} | {r['case']} | {r['mode']} | {r['provider']}{err} | {ms:.3f} | {ratio('eager')} | "
-            f"{ratio('torch.compile')} | - | {_fmt_bytes(r['peak_incremental_bytes'])} |")
+            f"{ratio('torch.compile')} | {pct} | {r.get('floor_term', '-')} | "
+            f"{_fmt_bytes(r['peak_incremental_bytes'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -418,3 +418,192 @@ def to_device(tree: Any, device: torch.device | str) -> Any:
     if isinstance(tree, dict):
         return {k: to_device(v, device) for k, v in tree.items()}
     return tree
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMM FLOP counting (executed FLOPs: what the kernels really compute, not a formula)
+# ----------------------------------------------------------------------------------------------
+
+#: torch GEMMs the counter knows, by aten overload packet name.
+TORCH_GEMMS: tuple[str, ...] = ("mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "mv", "addmv",
+                                "dot", "vdot")
+# aten ops that may do matrix products the counter cannot size (reported in GemmFlops.uncounted).
+_OPAQUE_TORCH = ("einsum", "tensordot", "convolution", "conv", "scaled_dot_product", "_flash_attention",
+                 "_efficient_attention", "_cudnn_attention", "_scaled_mm", "_int_mm")
+
+
+@dataclass(eq=False)  # identity: the active-counter list removes this very counter on exit
+class GemmFlops:
+    """GEMM FLOPs counted by :func:`count_gemm_flops`: ``2*m*k*n`` per product, summed per source.
+
+    ``triton``: every ``tl.dot`` the Triton interpreter executed (whole tiles, masked rows included:
+    count on tile-aligned shapes). ``torch``: every torch GEMM (:data:`TORCH_GEMMS`) dispatched inside
+    the block, forward and autograd's backward, including those inside ``torch.library`` custom-op
+    bodies. ``by_op`` splits both by op (``"tl.dot"``, ``"aten.mm"``, ...), ``calls`` counts products.
+    ``uncounted`` names ops that ran and may multiply matrices without being counted (SDPA, einsum
+    reaching the dispatcher, convolutions, an opaque custom op, ``tl.dot_scaled``): a count is only
+    complete when it is empty."""
+
+    triton: int = 0
+    torch: int = 0
+    by_op: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    uncounted: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.triton + self.torch
+
+    def units(self, unit: float) -> dict[str, float]:
+        """``{"triton", "torch", "total"}`` in multiples of ``unit`` FLOPs (e.g. ``2*N*M*C``)."""
+        return {"triton": self.triton / unit, "torch": self.torch / unit, "total": self.total / unit}
+
+    def _add(self, source: str, op: str, flops: int) -> None:
+        setattr(self, source, getattr(self, source) + flops)
+        self.by_op[op] = self.by_op.get(op, 0) + flops
+        self.calls[op] = self.calls.get(op, 0) + 1
+
+    def _opaque(self, name: str) -> None:
+        if name not in self.uncounted:
+            self.uncounted.append(name)
+
+
+_ACTIVE_COUNTERS: list[GemmFlops] = []
+_DOT_PATCH: list[Any] = []  # [original InterpreterBuilder.create_dot, original create_dot_scaled] while patched
+
+
+def _prod(xs: Iterable[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
+def _torch_gemm_flops(name: str, args: Sequence[Any]) -> int:
+    """``2*m*k*n`` (times the batch) of the aten GEMM ``name`` on ``args`` (tensors' shapes only)."""
+    t = [a for a in args if isinstance(a, torch.Tensor)]
+    if name in ("mm", "bmm", "matmul"):
+        a, b = t[0].shape, t[1].shape
+    elif name in ("addmm", "baddbmm", "addmv"):
+        a, b = t[1].shape, t[2].shape
+    elif name == "addbmm":
+        a, b = t[1].shape, t[2].shape
+    elif name in ("mv",):
+        a, b = t[0].shape, t[1].shape
+    elif name in ("dot", "vdot"):
+        return 2 * t[0].numel()
+    elif name == "linear":  # x (..., k) @ w (n, k)^T
+        x, w = t[0].shape, t[1].shape
+        return 2 * _prod(x[:-1]) * x[-1] * (w[0] if len(w) == 2 else 1)
+    else:
+        raise KeyError(name)
+    a = (1, *a) if len(a) == 1 else tuple(a)
+    b = (*b, 1) if len(b) == 1 else tuple(b)
+    batch = torch.broadcast_shapes(torch.Size(a[:-2]), torch.Size(b[:-2]))
+    return 2 * _prod(batch) * a[-2] * a[-1] * b[-1]
+
+
+def _install_dot_patch() -> None:
+    """Wrap the interpreter builder's ``create_dot`` (what ``tl.dot`` lowers to under TRITON_INTERPRET=1)."""
+    from triton.runtime import interpreter as I
+
+    builder = getattr(I, "InterpreterBuilder", None)
+    if builder is None or not hasattr(builder, "create_dot"):
+        raise RuntimeError("count_gemm_flops: this triton's interpreter has no InterpreterBuilder.create_dot "
+                           f"(triton {getattr(__import__('triton'), '__version__', '?')}); cannot count tl.dot")
+    orig_dot = builder.create_dot
+    orig_scaled = getattr(builder, "create_dot_scaled", None)
+
+    def create_dot(self, a, b, *args, **kwargs):
+        # a: (..., M, K), b: (..., K, N) numpy tiles of one program's dot.
+        flops = 2 * _prod(a.data.shape) * int(b.data.shape[-1])
+        for c in _ACTIVE_COUNTERS:
+            c._add("triton", "tl.dot", flops)
+        return orig_dot(self, a, b, *args, **kwargs)
+
+    def create_dot_scaled(self, *args, **kwargs):
+        for c in _ACTIVE_COUNTERS:
+            c._opaque("tl.dot_scaled")
+        return orig_scaled(self, *args, **kwargs)
+
+    builder.create_dot = create_dot
+    if orig_scaled is not None:
+        builder.create_dot_scaled = create_dot_scaled
+    _DOT_PATCH[:] = [orig_dot, orig_scaled]
+
+
+def _remove_dot_patch() -> None:
+    from triton.runtime import interpreter as I
+
+    orig_dot, orig_scaled = _DOT_PATCH
+    I.InterpreterBuilder.create_dot = orig_dot
+    if orig_scaled is not None:
+        I.InterpreterBuilder.create_dot_scaled = orig_scaled
+    _DOT_PATCH.clear()
+
+
+def _gemm_mode(counter: GemmFlops):
+    """A TorchDispatchMode adding torch GEMMs to ``counter``; custom ops' bodies run inside it too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    try:  # torch.library.custom_op definitions by qualified name (private, stable since torch 2.4)
+        from torch._library.custom_ops import OPDEFS
+    except ImportError:  # pragma: no cover - older/newer torch: custom-op bodies stay opaque (reported)
+        OPDEFS = {}
+
+    class _GemmMode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            ns = getattr(func, "namespace", "aten")
+            name = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
+            if ns == "aten":
+                if name in TORCH_GEMMS:
+                    counter._add("torch", f"aten.{name}", _torch_gemm_flops(name, args))
+                elif any(k in name for k in _OPAQUE_TORCH):
+                    counter._opaque(f"aten.{name}")
+                # Composite ops (matmul, linear) reaching the mode run with the mode popped, so the
+                # mm they decompose into is not counted twice.
+                return func(*args, **kwargs)
+            # A torch.library custom op: the dispatcher would run its body with this mode popped, hiding
+            # the GEMMs inside (a chunked path's cuBLAS calls); run the body here, with the mode pushed.
+            opdef = OPDEFS.get(func._schema.name)
+            if opdef is not None:
+                dev = next((a.device.type for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)), None)
+                fns = getattr(opdef, "_backend_fns", {})
+                body = fns.get(dev) or fns.get(None)
+                if body is not None:
+                    with self:
+                        return body(*args, **kwargs)
+            if ns not in ("prims", "prim"):
+                counter._opaque(f"{ns}.{name} (body not traced)")
+            return func(*args, **kwargs)
+
+    return _GemmMode()
+
+
+class count_gemm_flops:
+    """Count the GEMM FLOPs executed inside the block: ``with count_gemm_flops() as c: ...`` then
+    ``c.triton``, ``c.torch``, ``c.total``, ``c.units(2 * N * M * C)`` (see :class:`GemmFlops`).
+
+    Triton products are counted only under ``TRITON_INTERPRET=1`` (on a GPU the kernels are compiled
+    and nothing is counted: ``triton`` stays 0); torch GEMMs on any device. Counters nest (each sees
+    everything inside it). The interpreter runs programs one at a time, so the count is exact and
+    deterministic; it says nothing about races (scripts/race_check.py checks those on the GPU)."""
+
+    def __init__(self) -> None:
+        self.result = GemmFlops()
+        self._mode = None
+
+    def __enter__(self) -> GemmFlops:
+        if _triton.interpret_mode() and _triton.available() and not _DOT_PATCH:
+            _install_dot_patch()
+        _ACTIVE_COUNTERS.append(self.result)
+        self._mode = _gemm_mode(self.result)
+        self._mode.__enter__()
+        return self.result
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+        _ACTIVE_COUNTERS.remove(self.result)
+        if not _ACTIVE_COUNTERS and _DOT_PATCH:
+            _remove_dot_patch()

@@ -33,11 +33,14 @@ Importable on a machine without a GPU. Contents:
   name                  kernel(s)                                        block names
   ===================== ================================================ ============================
   ``relational_kl.fwd`` ``kernels.relational_kl._rkl_fwd_kernel``        BLOCK_N, BLOCK_M, BLOCK_C
-  ``relational_kl.dq``  ``kernels.relational_kl._rkl_bwd_dq_kernel``     BLOCK_N, BLOCK_M, BLOCK_C
+  ``relational_kl.bwd`` ``kernels.relational_kl._rkl_bwd_kernel``        BLOCK_N, BLOCK_M, BLOCK_C
+                        (one recompute per tile; every mode but ``dk``)
   ``relational_kl.dk``  ``kernels.relational_kl._rkl_bwd_dk_kernel``     BLOCK_N, BLOCK_M, BLOCK_C
+                        (key gradient of the deterministic two-pass path)
   ``attention.fwd``     ``kernels.attention._attn_fwd``                  BLOCK_M, BLOCK_N
-  ``attention.bwd``     ``kernels.attention._attn_bwd_dkdv`` + ``_dq``   KV_BLOCK_M, KV_BLOCK_N,
-                                                                         Q_BLOCK_M, Q_BLOCK_N
+  ``attention.bwd``     ``kernels.attention._attn_bwd_fused`` (default)  KV_BLOCK_M, KV_BLOCK_N
+  ``attention.bwd_det`` ``kernels.attention._attn_bwd_dkdv`` + ``_dq``   KV_BLOCK_M, KV_BLOCK_N,
+                        (deterministic mode)                             Q_BLOCK_M, Q_BLOCK_N
   ===================== ================================================ ============================
 
   ``gpu_configs(kernel, **problem)`` lists the configs the GPU launcher (or its autotuner) considers for
@@ -74,7 +77,7 @@ import triton.language as tl
 from fastdistill import _triton
 
 __all__ = [
-    "interpret", "INTERPRET", "fp32_precision", "to_dot", "dot",
+    "interpret", "INTERPRET", "fp32_precision", "to_dot", "dot", "gemm_dtype", "split_channels",
     "TileConfig", "KERNELS", "gpu_configs", "force_config", "forced_config", "FORCE_ENV",
     "launch_grid", "MAX_GRID_X", "MAX_GRID_YZ", "TL_DTYPE",
 ]
@@ -157,10 +160,47 @@ def dot(a, b, acc, PREC: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=PREC)
 
 
+def gemm_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The dtype both operands of one GEMM are cast to, given the dtypes of its two inputs.
+
+    Equal dtypes: that dtype (fp64: fp32, the accumulators are fp32). fp32 with one 16-bit type (say, an
+    fp32 memory bank against bf16 features under autocast): the 16-bit type, as autocast's matmul would.
+    fp16 with bf16: fp32.
+    """
+    if torch.float64 in (a, b):
+        return torch.float32
+    if a == b:
+        return a
+    if {a, b} == {torch.float16, torch.bfloat16}:
+        return torch.float32
+    return a if a != torch.float32 else b
+
+
+def split_channels(d: int) -> tuple[int, int]:
+    """Power-of-two sub-blocks ``(D0, D1)`` covering ``d`` channels (``D1 == 0``: one block), for a
+    register-resident row tile whose width is not a power of two (head dims 40/80/160, RDD's 320).
+
+    ``D0`` is the largest power of two <= d (at least 16); the remainder gets the smallest power
+    of two >= it (at least 16, the smallest ``tl.dot`` operand). When that would not save work
+    over one padded block (e.g. 24 -> 16+16 = 32), one block is used: 40 = 32+16, 80 = 64+16,
+    160 = 128+32, 320 = 256+64, 64 = 64.
+    """
+    if d <= 16:
+        return 16, 0
+    d0 = 1 << (d.bit_length() - 1)
+    if d0 == d:
+        return d0, 0
+    d1 = max(16, triton.next_power_of_2(d - d0))
+    if d1 >= d0:
+        return 2 * d0, 0
+    return d0, d1
+
+
 # ----------------------------------------------------------------------------------------------
 # Tile configs
 
-KERNELS = ("relational_kl.fwd", "relational_kl.dq", "relational_kl.dk", "attention.fwd", "attention.bwd")
+KERNELS = ("relational_kl.fwd", "relational_kl.bwd", "relational_kl.dk", "attention.fwd", "attention.bwd",
+           "attention.bwd_det")
 FORCE_ENV = "FASTDISTILL_FORCE_CONFIG"
 _META = {"warps": "num_warps", "num_warps": "num_warps", "stages": "num_stages", "num_stages": "num_stages"}
 

@@ -6,10 +6,18 @@
   K/V tiles and keeps the online-softmax state (running max ``m``, normaliser ``l``, fp32
   accumulator). It stores O and the per-row log-sum-exp in base 2 (``lse2 = m + log2 l``), one
   fp32 per query row, for the backward.
-* backward: :func:`_attn_bwd_preprocess` computes ``delta = rowsum(dO * O)``;
-  :func:`_attn_bwd_dkdv` holds a K/V tile and walks the query tiles (recomputing P from the saved
-  lse, no atomics); :func:`_attn_bwd_dq` holds a Q tile and walks the key tiles. Two loops instead
-  of dq atomics keep the backward deterministic.
+* backward: :func:`_attn_bwd_preprocess` computes ``delta = rowsum(dO * O)``, then one of two paths,
+  chosen on the host by ``torch.are_deterministic_algorithms_enabled()`` (in :func:`attention_backward`).
+  GEMM work in units of one ``Lq x Lk x D`` GEMM (``2*Lq*Lk*D`` FLOPs per batch*head):
+
+  - fast (default), :func:`_attn_bwd_fused`: a program holds a K/V tile and walks the query tiles,
+    recomputing P once per tile pair from the saved lse; 5 GEMMs per pair (S, dV, dP, dK in registers;
+    ``dS K`` added with fp32 ``atomic_add`` into a zeroed (B, H, Lq, D) buffer, cast to the input dtype
+    afterwards on the device). Backward 5 units, forward + backward 7 (FlashAttention-2's count). The
+    order of the dq adds varies between runs on a GPU (dq not bit-reproducible; dK, dV are).
+  - deterministic (``torch.use_deterministic_algorithms(True)``): :func:`_attn_bwd_dkdv` holds a K/V
+    tile and walks the query tiles (S, dV, dP, dK: 4 GEMMs); :func:`_attn_bwd_dq` holds a Q tile and
+    walks the key tiles (S, dP, dQ: 3). No atomics, bit-identical runs; backward 7 units, total 9.
 
 Head dims (any multiple of 8 up to 256, not only powers of two): ``tl.arange`` and ``tl.dot`` need
 power-of-two tiles of at least 16, so the head dim is split into at most two power-of-two
@@ -26,7 +34,8 @@ Layouts: every tensor is addressed through its (batch, head, row, dim) strides, 
 (tails masked). The additive mask is read per tile; its gradient is not computed.
 
 Precision: dots accumulate in fp32; P and dS are rounded to the input dtype before the second dot
-(as FA2 does). fp32 dots follow ``torch.get_float32_matmul_precision()`` (read by the launcher on the
+(as FA2 does; the fast path's dq sums the fp32 ``dS K`` tiles in fp32 and rounds once, at the cast).
+fp32 dots follow ``torch.get_float32_matmul_precision()`` (read by the launcher on the
 host, passed as the ``PREC`` constexpr): ``"highest"`` runs IEEE fp32, ``"high"``/``"medium"`` TF32 tensor
 cores. GEMM operands go through ``kernels._common.to_dot``/``dot``, so under the CPU interpreter the
 kernels round exactly where the GPU rounds (16-bit round-to-nearest-even, TF32 operand truncation).
@@ -37,8 +46,9 @@ Row indices are int64, so row x stride products within a slice may pass 2^31 (a 
 with L >= 46,341). A query row whose keys are all masked (-inf) gives output 0 (as SDPA) and lse +inf,
 so its backward recomputes p = 0: zero, finite gradients.
 
-Tile configs: :func:`fwd_configs` / :func:`bwd_configs` (registered as ``"attention.fwd"`` /
-``"attention.bwd"`` for ``kernels._common.gpu_configs``; ``force_config`` overrides them).
+Tile configs: :func:`fwd_configs` / :func:`bwd_configs` (fast backward) / :func:`bwd_det_configs`
+(deterministic pair), registered as ``"attention.fwd"`` / ``"attention.bwd"`` / ``"attention.bwd_det"`` for
+``kernels._common.gpu_configs``; ``force_config`` overrides them.
 
 No validation or dispatch here: call :func:`fastdistill.fused_attention`.
 """
@@ -51,27 +61,14 @@ import triton.language as tl
 
 from fastdistill import _alloc
 from fastdistill.kernels._common import (TL_DTYPE, TileConfig, dot, forced_config, fp32_precision, interpret,
-                                         launch_grid, register_configs, to_dot)
+                                         launch_grid, register_configs, split_channels, to_dot, to_dtype)
 
 LOG2E = 1.4426950408889634  # log2(e): the kernels work with exp2, the base-2 exponent
 
 
-def split_head_dim(d: int) -> tuple[int, int]:
-    """Power-of-two sub-blocks ``(D0, D1)`` covering head dim ``d`` (``D1 == 0``: one block).
-
-    ``D0`` is the largest power of two <= d (at least 16); the remainder gets the smallest power
-    of two >= it (at least 16, the smallest ``tl.dot`` operand). When that would not save work
-    over one padded block (e.g. 24 -> 16+16 = 32), one block is used.
-    """
-    if d <= 16:
-        return 16, 0
-    d0 = 1 << (d.bit_length() - 1)
-    if d0 == d:
-        return d0, 0
-    d1 = max(16, triton.next_power_of_2(d - d0))
-    if d1 >= d0:
-        return 2 * d0, 0
-    return d0, d1
+# Head dims split in power-of-two sub-blocks D0 + D1 (40 = 32+16, 80 = 64+16, 160 = 128+32): the rule the
+# relational-KL kernels use for their register tiles too.
+split_head_dim = split_channels
 
 
 @triton.jit
@@ -159,10 +156,10 @@ def _attn_fwd(
     l_safe = tl.where(live, l_i, 1.0)
     inv_l = tl.where(live, 1.0 / l_safe, 0.0)
     tl.store(o_base + offs_m[:, None] * som + offs_d0[None, :] * sod,
-             (acc0 * inv_l[:, None]).to(Out.dtype.element_ty), mask=valid_m[:, None] & in_d0[None, :])
+             to_dtype(acc0 * inv_l[:, None], Out.dtype.element_ty), mask=valid_m[:, None] & in_d0[None, :])
     if D1 > 0:
         tl.store(o_base + offs_m[:, None] * som + offs_d1[None, :] * sod,
-                 (acc1 * inv_l[:, None]).to(Out.dtype.element_ty), mask=valid_m[:, None] & in_d1[None, :])
+                 to_dtype(acc1 * inv_l[:, None], Out.dtype.element_ty), mask=valid_m[:, None] & in_d1[None, :])
     # Lse is (B*H, Lq) contiguous fp32, base 2.
     lse2 = tl.where(live, m_i + tl.math.log2(l_safe), float("inf"))
     tl.store(Lse + pid_bh.to(tl.int64) * Lq + offs_m, lse2, mask=valid_m)
@@ -282,13 +279,13 @@ def _attn_bwd_dkdv(
 
     dk_base = dK + b * sgb + h * sgh
     dv_base = dV + b * sgb + h * sgh
-    tl.store(dk_base + offs_n[:, None] * sgn + offs_d0[None, :] * sgd, (dk0 * sm_scale).to(dK.dtype.element_ty),
+    tl.store(dk_base + offs_n[:, None] * sgn + offs_d0[None, :] * sgd, to_dtype(dk0 * sm_scale, dK.dtype.element_ty),
              mask=kv_msk0)
-    tl.store(dv_base + offs_n[:, None] * sgn + offs_d0[None, :] * sgd, dv0.to(dV.dtype.element_ty), mask=kv_msk0)
+    tl.store(dv_base + offs_n[:, None] * sgn + offs_d0[None, :] * sgd, to_dtype(dv0, dV.dtype.element_ty), mask=kv_msk0)
     if D1 > 0:
         tl.store(dk_base + offs_n[:, None] * sgn + offs_d1[None, :] * sgd,
-                 (dk1 * sm_scale).to(dK.dtype.element_ty), mask=kv_msk1)
-        tl.store(dv_base + offs_n[:, None] * sgn + offs_d1[None, :] * sgd, dv1.to(dV.dtype.element_ty),
+                 to_dtype(dk1 * sm_scale, dK.dtype.element_ty), mask=kv_msk1)
+        tl.store(dv_base + offs_n[:, None] * sgn + offs_d1[None, :] * sgd, to_dtype(dv1, dV.dtype.element_ty),
                  mask=kv_msk1)
 
 
@@ -368,11 +365,121 @@ def _attn_bwd_dq(
             dq1 += dot(ds, tl.trans(kT1), None, PREC)
 
     dq_base = dQ + b * sgb + h * sgh
-    tl.store(dq_base + offs_m[:, None] * sgm + offs_d0[None, :] * sgd, (dq0 * sm_scale).to(dQ.dtype.element_ty),
+    tl.store(dq_base + offs_m[:, None] * sgm + offs_d0[None, :] * sgd, to_dtype(dq0 * sm_scale, dQ.dtype.element_ty),
              mask=q_msk0)
     if D1 > 0:
-        tl.store(dq_base + offs_m[:, None] * sgm + offs_d1[None, :] * sgd, (dq1 * sm_scale).to(dQ.dtype.element_ty),
+        tl.store(dq_base + offs_m[:, None] * sgm + offs_d1[None, :] * sgd,
+                 to_dtype(dq1 * sm_scale, dQ.dtype.element_ty),
                  mask=q_msk1)
+
+
+@triton.jit
+def _attn_bwd_fused(
+    Q, K, V, Bias, dO, Lse, Delta, dK, dV, dQacc,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smh, smm, smn,
+    sdb, sdh, sdm, sdd,
+    sgb, sgh, sgn, sgd,
+    sab, sah, sam, sad,
+    H, Lq, Lk, D: tl.constexpr, qk_scale, sm_scale,
+    HAS_BIAS: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):
+    # The fast backward (FA2): one program per (key tile, batch*head) walks the query tiles and, per tile
+    # pair, recomputes S once and runs 5 GEMMs: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q and
+    # dQ_tile = dS K. dK/dV stay in registers; dQ_tile (already times sm_scale) is added with fp32 atomics
+    # into dQacc, a zeroed (B, H, Lq, D) buffer shared by the key tiles. The order of those adds varies
+    # between runs (not bit-reproducible): deterministic mode uses _attn_bwd_dkdv + _attn_bwd_dq instead.
+    n_n = tl.cdiv(Lk, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % n_n
+    pid_bh = pid // n_n
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    do_base = dO + b * sdb + h * sdh
+    dqa_base = dQacc + b * sab + h * sah
+    row_base = pid_bh.to(tl.int64) * Lq
+
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid_n = offs_n < Lk
+    offs_mb = tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_d0 = tl.arange(0, D0)
+    in_d0 = offs_d0 < D
+    kv_msk0 = valid_n[:, None] & in_d0[None, :]
+    k0 = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d0[None, :] * skd, mask=kv_msk0, other=0.0)
+    v0 = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d0[None, :] * svd, mask=kv_msk0, other=0.0)
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    if D1 > 0:
+        offs_d1 = D0 + tl.arange(0, D1)
+        in_d1 = offs_d1 < D
+        kv_msk1 = valid_n[:, None] & in_d1[None, :]
+        k1 = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d1[None, :] * skd, mask=kv_msk1,
+                     other=0.0)
+        v1 = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d1[None, :] * svd, mask=kv_msk1,
+                     other=0.0)
+        dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    if HAS_BIAS:
+        bias_base = Bias + b * smb + h * smh
+
+    for start_m in range(0, Lq, BLOCK_M):
+        offs_m = start_m + offs_mb
+        valid_m = offs_m < Lq
+        qT0 = tl.load(q_base + offs_m[None, :] * sqm + offs_d0[:, None] * sqd,
+                      mask=valid_m[None, :] & in_d0[:, None], other=0.0)
+        sT = dot(k0, qT0, None, PREC)
+        if D1 > 0:
+            qT1 = tl.load(q_base + offs_m[None, :] * sqm + offs_d1[:, None] * sqd,
+                          mask=valid_m[None, :] & in_d1[:, None], other=0.0)
+            sT += dot(k1, qT1, None, PREC)
+        sT = sT * qk_scale
+        if HAS_BIAS:
+            biasT = tl.load(bias_base + offs_m[None, :] * smm + offs_n[:, None] * smn,
+                            mask=valid_m[None, :] & valid_n[:, None], other=0.0)
+            sT += biasT.to(tl.float32) * 1.4426950408889634
+        lse = tl.load(Lse + row_base + offs_m, mask=valid_m, other=0.0)
+        delta = tl.load(Delta + row_base + offs_m, mask=valid_m, other=0.0)
+        # Fully masked rows have lse = +inf: p = exp2(s - inf) = 0, so they add nothing anywhere.
+        pT = tl.math.exp2(sT - lse[None, :])
+        pT = tl.where(valid_m[None, :] & valid_n[:, None], pT, 0.0)
+        do0 = tl.load(do_base + offs_m[:, None] * sdm + offs_d0[None, :] * sdd,
+                      mask=valid_m[:, None] & in_d0[None, :], other=0.0)
+        pT_lo = to_dot(pT, DOT)
+        dv0 += dot(pT_lo, do0, None, PREC)
+        dpT = dot(v0, tl.trans(do0), None, PREC)
+        if D1 > 0:
+            do1 = tl.load(do_base + offs_m[:, None] * sdm + offs_d1[None, :] * sdd,
+                          mask=valid_m[:, None] & in_d1[None, :], other=0.0)
+            dv1 += dot(pT_lo, do1, None, PREC)
+            dpT += dot(v1, tl.trans(do1), None, PREC)
+        dsT = to_dot(pT * (dpT - delta[None, :]), DOT)
+        dk0 += dot(dsT, tl.trans(qT0), None, PREC)
+        ds = tl.trans(dsT)
+        # Relaxed atomics: the adds only need to be atomic, not ordered (the launcher reads dQacc after
+        # the kernel). Rows past Lq and columns past D are masked off.
+        dq0 = dot(ds, k0, None, PREC)
+        tl.atomic_add(dqa_base + offs_m[:, None] * sam + offs_d0[None, :] * sad, dq0 * sm_scale,
+                      mask=valid_m[:, None] & in_d0[None, :], sem="relaxed")
+        if D1 > 0:
+            dk1 += dot(dsT, tl.trans(qT1), None, PREC)
+            dq1 = dot(ds, k1, None, PREC)
+            tl.atomic_add(dqa_base + offs_m[:, None] * sam + offs_d1[None, :] * sad, dq1 * sm_scale,
+                          mask=valid_m[:, None] & in_d1[None, :], sem="relaxed")
+
+    dk_base = dK + b * sgb + h * sgh
+    dv_base = dV + b * sgb + h * sgh
+    # to_dtype: round to nearest even under the interpreter too (its own fp32 -> bf16 cast truncates).
+    g_ty = dK.dtype.element_ty
+    tl.store(dk_base + offs_n[:, None] * sgn + offs_d0[None, :] * sgd, to_dtype(dk0 * sm_scale, g_ty), mask=kv_msk0)
+    tl.store(dv_base + offs_n[:, None] * sgn + offs_d0[None, :] * sgd, to_dtype(dv0, g_ty), mask=kv_msk0)
+    if D1 > 0:
+        tl.store(dk_base + offs_n[:, None] * sgn + offs_d1[None, :] * sgd, to_dtype(dk1 * sm_scale, g_ty),
+                 mask=kv_msk1)
+        tl.store(dv_base + offs_n[:, None] * sgn + offs_d1[None, :] * sgd, to_dtype(dv1, g_ty), mask=kv_msk1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,8 +525,36 @@ def _fwd_config(d_pad: int, lq: int, lk: int, elem_bytes: int = 2) -> tuple[int,
     return _pow2_at_least_16(lq, bm), _pow2_at_least_16(lk, bn), warps, stages
 
 
+def _bwd_fast_config(d_pad: int, elem_bytes: int = 2) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the fast backward :func:`_attn_bwd_fused` (BLOCK_N keys
+    per program, BLOCK_M query rows per step), by padded head dim ``D0 + D1``.
+
+    Chosen with scripts/compile_audit.py for sm_90 (with and without a mask, Lk = 77 and 256, d = 40, 64, 80,
+    96, 128, 160, 256): no spills in 16-bit (ptxas registers per thread in the comments, masked); fp32 at
+    most 36 B (TF32 at d=80, IEEE at d=256; the two-kernel path spills up to 48 KB in IEEE fp32). The atomic
+    dq tile is the extra pressure over the two-kernel path: with 4 warps 64x64 tiles spill (232-1184 B at
+    d = 80-160), with 8 they do not."""
+    if elem_bytes > 2:
+        # IEEE fp32 runs its dots on FMA units (no tensor cores): 16-row query steps. (32, 64) spilled
+        # 1-2 KB at d=40 and 4 KB at d=128; (16, 64) 1.4-3 KB at d=96.
+        if d_pad <= 64 or 96 < d_pad <= 128:
+            return 16, 64, 8, 1
+        return 16, 32, 8, 1  # d=80 TF32 / d=256 IEEE: 8-36 B of spill; (16, 16) none, at twice the dq atomics
+    # sm_90 registers (masked). On sm_80 these spill at most 36 B (d=80, d=256), where (64, 64) spilled
+    # 256-3548 B at d = 40-96 (mma.sync keeps more live registers than wgmma).
+    if d_pad <= 80:
+        return 32, 64, 8, 2  # 210 (d=40), 128 (d=64), 244 (d=80)
+    if d_pad <= 96:
+        return 16, 64, 8, 2  # 152 (d=96); (32, 64) spilled 308 B on sm_80
+    if d_pad <= 128:
+        return 64, 64, 8, 2  # 238 (d=128)
+    if d_pad <= 160:
+        return 16, 64, 8, 2  # 214 (d=160); (32, 64) spilled 448 B, (64, 64) takes 164 KB of shared memory
+    return 16, 32, 8, 1  # 255 (d=256); (16, 64) spilled 908 B
+
+
 def _bwd_config(d_pad: int, elem_bytes: int = 2) -> tuple[int, int, int, int, int, int]:
-    """(dkdv BLOCK_M, dkdv BLOCK_N, dq BLOCK_M, dq BLOCK_N, num_warps, num_stages).
+    """Deterministic backward: (dkdv BLOCK_M, dkdv BLOCK_N, dq BLOCK_M, dq BLOCK_N, num_warps, num_stages).
 
     16-bit: no spills on sm_90 for the masked backward at Lk = 77 (the previous configs spilled 224/248 B
     at d=64, 88 B at d=128 and 212/20 B at d=160)."""
@@ -456,7 +591,15 @@ def fwd_configs(head_dim: int, lq: int, lk: int, dtype: torch.dtype = torch.bflo
 
 @register_configs("attention.bwd")
 def bwd_configs(head_dim: int, lq: int, lk: int, dtype: torch.dtype = torch.bfloat16) -> list[TileConfig]:
-    """The backward's GPU config (dK/dV and dQ kernels; one: not autotuned)."""
+    """The fast backward's GPU config (:func:`_attn_bwd_fused`; one: not autotuned)."""
+    d0, d1 = split_head_dim(head_dim)
+    bm, bn, warps, stages = _bwd_fast_config(d0 + d1, _elem_bytes(dtype))
+    return [TileConfig({"KV_BLOCK_M": bm, "KV_BLOCK_N": bn}, num_warps=warps, num_stages=stages)]
+
+
+@register_configs("attention.bwd_det")
+def bwd_det_configs(head_dim: int, lq: int, lk: int, dtype: torch.dtype = torch.bfloat16) -> list[TileConfig]:
+    """The deterministic backward's GPU config (dK/dV and dQ kernels; one: not autotuned)."""
     d0, d1 = split_head_dim(head_dim)
     kv_bm, kv_bn, q_bm, q_bn, warps, stages = _bwd_config(d0 + d1, _elem_bytes(dtype))
     return [TileConfig({"KV_BLOCK_M": kv_bm, "KV_BLOCK_N": kv_bn, "Q_BLOCK_M": q_bm, "Q_BLOCK_N": q_bn},
@@ -469,7 +612,7 @@ def _config(kernel: str, head_dim: int, lq: int, lk: int, dtype: torch.dtype) ->
     cfg = forced_config(kernel)
     if cfg is not None:
         return cfg
-    fn = fwd_configs if kernel == "attention.fwd" else bwd_configs
+    fn = {"attention.fwd": fwd_configs, "attention.bwd": bwd_configs, "attention.bwd_det": bwd_det_configs}[kernel]
     cfg = fn(head_dim, lq, lk, dtype)[0]
     if interpret():
         caps = {"BLOCK_M": lq, "BLOCK_N": lk, "KV_BLOCK_M": lq, "KV_BLOCK_N": lk, "Q_BLOCK_M": lq, "Q_BLOCK_N": lk}
@@ -521,19 +664,28 @@ def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int, int]:
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, bias: torch.Tensor | None, scale: float,
                        layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dq, dk, dv)`` of ``out = attention(q, k, v)`` given ``do`` (same layout as ``q``)."""
+    """Gradients ``(dq, dk, dv)`` of ``out = attention(q, k, v)`` given ``do`` (same layout as ``q``).
+
+    Default: the fast backward (:func:`_attn_bwd_fused`, 5 GEMMs per tile pair, dq through fp32 atomics;
+    not bit-reproducible). Under ``torch.use_deterministic_algorithms(True)`` (read here, on the host):
+    :func:`_attn_bwd_dkdv` + :func:`_attn_bwd_dq` (7 GEMMs per tile pair, no atomics, bit-identical runs).
+    """
     B, H, Lq, D = dims(q, layout)
     Lk = dims(k, layout)[2]
     d0, d1 = split_head_dim(D)
-    cfg = _config("attention.bwd", D, Lq, Lk, q.dtype)
-    kv_bm, kv_bn, q_bm, q_bn = cfg["KV_BLOCK_M"], cfg["KV_BLOCK_N"], cfg["Q_BLOCK_M"], cfg["Q_BLOCK_N"]
+    deterministic = torch.are_deterministic_algorithms_enabled()
     pre_bm = _pow2_at_least_16(Lq, 64)
 
-    dq = _alloc.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = _alloc.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = _alloc.empty(v.shape, dtype=v.dtype, device=v.device)
+    if deterministic:
+        dq = _alloc.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        # fp32 accumulator of the atomic adds, in q's shape (contiguous, as dq): zeroed, since every key
+        # tile adds into it (and with Lk == 0 nothing does: dq = 0).
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     if B * H == 0:
-        return dq, dk, dv
+        return dq.to(q.dtype), dk, dv
     delta = _alloc.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if Lq > 0:
         _attn_bwd_preprocess[launch_grid("attention.bwd_preprocess", triton.cdiv(Lq, pre_bm) * B * H)](
@@ -544,6 +696,21 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     bias_arg = bias if bias is not None else q
     common = (*bhld_strides(q, layout), *bhld_strides(k, layout), *bhld_strides(v, layout), *mstr,
               *bhld_strides(do, layout))
+    if not deterministic:
+        cfg = _config("attention.bwd", D, Lq, Lk, q.dtype)
+        bm, bn = cfg["KV_BLOCK_M"], cfg["KV_BLOCK_N"]
+        if Lk > 0:
+            _attn_bwd_fused[launch_grid("attention.bwd_fused", triton.cdiv(Lk, bn) * B * H)](
+                q, k, v, bias_arg, do, lse, delta, dk, dv, dq, *common, *bhld_strides(dk, layout),
+                *bhld_strides(dq, layout), H, Lq, Lk, D, scale * LOG2E, scale,
+                HAS_BIAS=bias is not None, D0=d0, D1=d1, BLOCK_M=bm, BLOCK_N=bn, **_dot_args(q),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        # fp32: the accumulator is dq; 16-bit: one cast on the device (round to nearest even, no sync).
+        return dq.to(q.dtype), dk, dv
+
+    cfg = _config("attention.bwd_det", D, Lq, Lk, q.dtype)
+    kv_bm, kv_bn, q_bm, q_bn = cfg["KV_BLOCK_M"], cfg["KV_BLOCK_N"], cfg["Q_BLOCK_M"], cfg["Q_BLOCK_N"]
     meta = dict(HAS_BIAS=bias is not None, D0=d0, D1=d1, **_dot_args(q), num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
     if Lk > 0:
@@ -559,4 +726,5 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     return dq, dk, dv
 
 
-__all__ = ["split_head_dim", "attention_forward", "attention_backward", "LOG2E", "fwd_configs", "bwd_configs"]
+__all__ = ["split_head_dim", "attention_forward", "attention_backward", "LOG2E", "fwd_configs", "bwd_configs",
+           "bwd_det_configs"]

@@ -12,11 +12,24 @@ logit tiles (student and teacher, channel counts may differ, channels tiled by `
 fits), keep online-softmax state ``(m_s, l_s, m_t, l_t, A = sum e^{t-m_t} (t - s))`` and write
 ``KL = A / l_t - lse_t + lse_s`` plus the two log-sum-exps. Memory: O(rows x segments).
 
-Backward recomputes the tiles from the saved LSEs: ``dKL/d(q_s.k_s) = scale_s (p_s - p_t) dKL``.
-``dq_s`` (one program per group x row tile, looping over all keys) and ``dk_s`` (one program per
-group x key tile, looping over all rows) own their output rows, so no atomics: results are
-deterministic. When the channel count fits one tile the gradient rows live in registers; otherwise
-they are accumulated in an fp32 scratch in global memory, chunk by chunk (L2-resident).
+Backward (:func:`relational_kl_bwd`; the path is :func:`backward_path`'s, see docs/rdd.md for the table
+of GEMM FLOPs, atomics and memory): ``dKL/d(q_s.k_s) = scale_s (p_s - p_t) dKL``, recomputed from the
+saved LSEs once per (row tile, key tile) pair by ``_rkl_bwd_kernel``. A program owns a row tile; its
+student rows and fp32 gradient stay in registers (power-of-two channel sub-blocks ``D0 + D1``, up to
+:data:`REGISTER_MAX_C` = 256 channels), and it walks the key tiles:
+
+* ``ATOMIC_DK`` (the ``one-pass`` path): the key gradient ``dS^T q`` of each tile pair goes into a zeroed
+  fp32 buffer with atomics (FlashAttention-2's scheme with the roles swapped);
+* ``SYM`` (the self-relation ``q is k`` on both sides, RDD's pixel-to-pixel term): tiles align to the
+  segments and the pair (a, b) also carries row b's softmax gradient over segment seg(a), from the
+  same (symmetric) logits; ``UPPER`` (the ``symmetric`` path) visits ``b >= a`` only and adds the
+  transposed product into the rows of b with atomics;
+* neither (``rows``; and ``SYM`` without ``UPPER``): no atomics.
+
+Under ``torch.use_deterministic_algorithms(True)`` no path uses atomics: the self-relation walks every
+ordered pair, and a key gradient comes from the ``_rkl_bwd_dk_kernel`` (one program per key tile,
+looping over all rows; the ``two-pass`` path). Student channel counts above ``REGISTER_MAX_C`` take the
+chunked path of ``kernels/relational_kl_chunked.py`` (cuBLAS GEMMs over row chunks).
 
 All accumulation is fp32. Offsets are int64. fp32 GEMMs follow ``torch.get_float32_matmul_precision()``
 (read by the launchers on the host, passed as the ``PREC_S``/``PREC_T`` constexprs): ``"highest"`` (torch's
@@ -26,7 +39,7 @@ rounded exactly where the GPU rounds them (16-bit round-to-nearest-even at load 
 TF32 truncation), so the interpreter computes the GPU's arithmetic up to accumulation order.
 
 Tile configs: :func:`_configs` lists the GPU candidates per kernel, GEMM precision and channel count
-(registered as ``"relational_kl.fwd"``/``".dq"``/``".dk"`` for ``kernels._common.gpu_configs``; configs that
+(registered as ``"relational_kl.fwd"``/``".bwd"``/``".dk"`` for ``kernels._common.gpu_configs``; configs that
 spill on sm_90 are left out); ``kernels._common.force_config`` overrides the autotuner (tests run every
 config through the interpreter). Grids go through ``kernels._common.launch_grid`` (axis 0 only).
 """
@@ -41,7 +54,8 @@ import triton.language as tl
 
 from fastdistill import _alloc
 from fastdistill.kernels._common import (TL_DTYPE, TileConfig, dot, forced_config, fp32_precision, interpret,
-                                         launch_grid, register_configs, to_dot)
+                                         gemm_dtype, launch_grid, register_configs, split_channels,
+                                         to_dot)
 
 
 # Operand conventions of the device helpers: operands travel as small tuples, constexpr flags by keyword.
@@ -208,89 +222,161 @@ def _pdiff(stu, tea, R, K, scale, lse, w, res_s, res_t, DOT_S: tl.constexpr, DOT
     return tl.where(valid, (p_s - p_t) * w[:, None], 0.0)
 
 
-@_RES
 @triton.jit
-def _rkl_bwd_dq_kernel(
-    QS, KS, QT, KT, IDX, LSE_S, LSE_T, DKL, WMAX, DQ,
+def _student_rows(X, R, CS, DOT: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, OFF: tl.constexpr):
+    """Channels ``OFF .. OFF + D0`` (``OFF`` = 0) or ``D0 .. D0 + D1`` of rows ``R`` of view ``X``, cast to the
+    GEMM dtype, zero outside the CS channels and the valid rows: one power-of-two sub-block."""
+    ptr, base, s_row, s_col = X
+    idx, mask = R
+    if OFF:
+        cols = D0 + tl.arange(0, D1)
+    else:
+        cols = tl.arange(0, D0)
+    return to_dot(tl.load(ptr + base + idx[:, None] * s_row + cols[None, :].to(tl.int64) * s_col,
+                          mask=mask[:, None] & (cols < CS)[None, :], other=0.0), DOT)
+
+
+@triton.jit
+def _add_rows(G, rows, rmask, CS, val, D0: tl.constexpr, D1: tl.constexpr, OFF: tl.constexpr,
+              ATOMIC: tl.constexpr):
+    """Write (or atomically add, ``ATOMIC``) the fp32 sub-block ``val`` into rows ``rows`` of the
+    contiguous fp32 gradient ``G`` (``CS`` channels per row; ``rows`` already include the group offset)."""
+    if OFF:
+        cols = D0 + tl.arange(0, D1)
+    else:
+        cols = tl.arange(0, D0)
+    ptrs = G + rows[:, None] * CS + cols[None, :]
+    m2 = rmask[:, None] & (cols < CS)[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, val, mask=m2)
+    else:
+        tl.store(ptrs, val, mask=m2)
+
+
+@triton.heuristics({"RES_T": lambda a: a["CT"] <= a["BLOCK_C"]})
+@triton.jit
+def _rkl_bwd_kernel(
+    QS, KS, QT, KT, IDX, LSE_S, LSE_T, DKL, WMAX, DQ, DK,
     G2, N, S, NSEG, CS, CT,
     sqs_g1, sqs_g2, sqs_n, sqs_c,
     sks_g1, sks_g2, sks_m, sks_c,
     sqt_g1, sqt_g2, sqt_n, sqt_c,
     skt_g1, skt_g2, skt_m, skt_c,
     scale_s, scale_t,
-    HAS_IDX: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr, RES_S: tl.constexpr, RES_T: tl.constexpr,
+    HAS_IDX: tl.constexpr, SYM: tl.constexpr, UPPER: tl.constexpr, ATOMIC_DK: tl.constexpr,
+    DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    RES_T: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """One-recompute backward. A program owns a tile of rows (its student rows and gradient stay in
+    registers, channels split in the power-of-two sub-blocks ``D0 + D1 >= CS``) and walks key tiles;
+    each (row tile, key tile) logit pair is recomputed once and gives:
+
+    * the row-side gradient ``dS K`` (registers, written once at the end);
+    * with ``ATOMIC_DK``: the key-side gradient ``dS^T Q`` added into the zeroed fp32 ``DK`` with atomics;
+    * with ``SYM`` (q is k on both sides, N == M, no index: RDD's self-relation): tiles are aligned to
+      segments (``BLOCK_N == BLOCK_M``); the tile pair (a, b) also carries the transposed softmax
+      gradient ``dS_ba^T`` (row b's softmax over segment seg(a), from the same logits), so
+      ``M = dS_ab + dS_ba^T`` and ``dX_a += M X_b``. ``UPPER`` visits only ``b >= a`` and adds
+      ``dX_b += M^T X_a`` with atomics (every unordered pair once: 2 GEMM units); without ``UPPER`` every
+      ordered pair (3 units, no atomics: deterministic).
+    """
     pid = tl.program_id(0).to(tl.int64)
-    n_row_tiles = tl.cdiv(N, BLOCK_N)
-    rt = pid % n_row_tiles
-    g = pid // n_row_tiles
+    tps = tl.cdiv(S, BLOCK_M)  # key tiles per segment
+    n_key_tiles = NSEG * tps
+    if SYM:
+        n_own = n_key_tiles
+    else:
+        n_own = tl.cdiv(N, BLOCK_N)
+    a = pid % n_own
+    g = pid // n_own
     g1 = g // G2
     g2 = g % G2
-    rows = rt * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    rmask = rows < N
+    if SYM:
+        seg_a = a // tps
+        loc = (a % tps) * BLOCK_M + tl.arange(0, BLOCK_N).to(tl.int64)
+        rows = seg_a * S + loc
+        rmask = loc < S
+    else:
+        rows = a * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        rmask = rows < N
     R = (rows, rmask)
     qs_base = g1 * sqs_g1 + g2 * sqs_g2
     ks_base = g1 * sks_g1 + g2 * sks_g2
     qt_base = g1 * sqt_g1 + g2 * sqt_g2
     kt_base = g1 * skt_g1 + g2 * skt_g2
-    stu = ((QS, qs_base, sqs_n, sqs_c), (KS, ks_base, sks_m, sks_c), CS)
+    QSV = (QS, qs_base, sqs_n, sqs_c)
+    KSV = (KS, ks_base, sks_m, sks_c)
     tea = ((QT, qt_base, sqt_n, sqt_c), (KT, kt_base, skt_m, skt_c), CT)
-    # The upstream gradient is rescaled by its maximum so the (p_s - p_t) * w operand of the second
-    # GEMM stays in fp16's normal range (mean reductions make w tiny); the scale is undone at the end.
+    # The upstream gradient is rescaled by its maximum so the dS operand of the second GEMMs stays in
+    # fp16's normal range (mean reductions make it tiny); the scale is undone when writing.
     wmax = tl.load(WMAX)
-    dq_base = (g * N + rows) * CS  # DQ is a contiguous fp32 (G, N, CS) buffer
-    ccols = tl.arange(0, BLOCK_C)
+    out_scale = wmax * scale_s
+    grow = g * N  # row offset of this group in the (G, N, ...) buffers
 
-    # This program's query rows are fixed: resident when they fit one channel tile (RES_S / RES_T).
-    qs_res = _rows_tile(stu[0], R, CS, DOT=DOT_S, BLOCK_C=BLOCK_C, TRANS=False) if RES_S else 0.0
+    q0 = _student_rows(QSV, R, CS, DOT=DOT_S, D0=D0, D1=D1, OFF=False)
+    acc0 = tl.zeros((BLOCK_N, D0), tl.float32)
+    if D1 > 0:
+        q1 = _student_rows(QSV, R, CS, DOT=DOT_S, D0=D0, D1=D1, OFF=True)
+        acc1 = tl.zeros((BLOCK_N, D1), tl.float32)
     qt_res = _rows_tile(tea[0], R, CT, DOT=DOT_T, BLOCK_C=BLOCK_C, TRANS=False) if RES_T else 0.0
-    dq = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
-    if not RES_S:
-        for c0 in range(0, CS, BLOCK_C):
-            cm = (c0 + ccols) < CS
-            tl.store(DQ + dq_base[:, None] + (c0 + ccols)[None, :], tl.zeros((BLOCK_N, BLOCK_C), tl.float32),
-                     mask=rmask[:, None] & cm[None, :])
-    for seg in range(0, NSEG):
-        o = (g * N + rows) * NSEG + seg
-        lse = (tl.load(LSE_S + o, mask=rmask, other=0.0), tl.load(LSE_T + o, mask=rmask, other=0.0))
-        w = tl.load(DKL + o, mask=rmask, other=0.0) / wmax
-        for k0 in range(0, S, BLOCK_M):
-            kk = k0 + tl.arange(0, BLOCK_M)
-            kmask = kk < S
-            j = seg * S + kk.to(tl.int64)
-            krow = _key_rows(IDX, j, kmask, HAS_IDX=HAS_IDX)
-            K = (krow, kmask)
-            ds = _pdiff(stu, tea, R, K, (scale_s, scale_t), lse, w, qs_res, qt_res, DOT_S=DOT_S, DOT_T=DOT_T,
-                        PREC_S=PREC_S, PREC_T=PREC_T, BLOCK_C=BLOCK_C, RES_S=RES_S, RES_T=RES_T, RES_KEYS=False)
-            ds = to_dot(ds, DOT_S)
-            if RES_S:
-                cm = ccols < CS
-                kc = tl.load(KS + ks_base + krow[:, None] * sks_m + ccols[None, :].to(tl.int64) * sks_c,
-                             mask=kmask[:, None] & cm[None, :], other=0.0)
-                dq = dot(ds, to_dot(kc, DOT_S), dq, PREC_S)
-            else:
-                for c0 in range(0, CS, BLOCK_C):
-                    cols = c0 + ccols
-                    cm = cols < CS
-                    kc = tl.load(KS + ks_base + krow[:, None] * sks_m + cols[None, :].to(tl.int64) * sks_c,
-                                 mask=kmask[:, None] & cm[None, :], other=0.0)
-                    ptrs = DQ + dq_base[:, None] + cols[None, :]
-                    m2 = rmask[:, None] & cm[None, :]
-                    part = tl.load(ptrs, mask=m2, other=0.0)
-                    part = dot(ds, to_dot(kc, DOT_S), part, PREC_S)
-                    tl.store(ptrs, part, mask=m2)
-    if RES_S:
-        cm = ccols < CS
-        tl.store(DQ + dq_base[:, None] + ccols[None, :], dq * (wmax * scale_s),
-                 mask=rmask[:, None] & cm[None, :])
+    if SYM:  # the owner rows as keys of the transposed softmaxes: their statistics over segment seg_a
+        oc = (grow + rows) * NSEG + seg_a
+        lse_sc = tl.load(LSE_S + oc, mask=rmask, other=0.0)
+        lse_tc = tl.load(LSE_T + oc, mask=rmask, other=0.0)
+        w_c = tl.load(DKL + oc, mask=rmask, other=0.0) / wmax
+        b_start = a if UPPER else 0
+        diag = a
     else:
-        for c0 in range(0, CS, BLOCK_C):
-            cols = c0 + ccols
-            m2 = rmask[:, None] & (cols < CS)[None, :]
-            ptrs = DQ + dq_base[:, None] + cols[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=m2, other=0.0) * (wmax * scale_s), mask=m2)
+        b_start = 0
+        diag = -1  # no diagonal: every key tile is another tile
+
+    for b in range(b_start, n_key_tiles):
+        seg_b = b // tps
+        kk = (b % tps) * BLOCK_M + tl.arange(0, BLOCK_M)
+        kmask = kk < S
+        j = seg_b * S + kk.to(tl.int64)
+        krow = _key_rows(IDX, j, kmask, HAS_IDX=HAS_IDX)
+        K = (krow, kmask)
+        k0 = _student_rows(KSV, K, CS, DOT=DOT_S, D0=D0, D1=D1, OFF=False)
+        s = dot(q0, tl.trans(k0), None, PREC_S)
+        if D1 > 0:
+            k1 = _student_rows(KSV, K, CS, DOT=DOT_S, D0=D0, D1=D1, OFF=True)
+            s = dot(q1, tl.trans(k1), s, PREC_S)
+        s = s * scale_s
+        t = _logits(tea, R, K, qt_res, 0.0, DOT=DOT_T, PREC=PREC_T, BLOCK_C=BLOCK_C, A_RES=RES_T,
+                    B_RES=False) * scale_t
+        o = (grow + rows) * NSEG + seg_b
+        lse_s = tl.load(LSE_S + o, mask=rmask, other=0.0)
+        lse_t = tl.load(LSE_T + o, mask=rmask, other=0.0)
+        w = tl.load(DKL + o, mask=rmask, other=0.0) / wmax
+        valid = rmask[:, None] & kmask[None, :]
+        ds = (tl.exp(s - lse_s[:, None]) - tl.exp(t - lse_t[:, None])) * w[:, None]
+        if SYM:  # key row j's own softmax over segment seg_a holds the same logit (symmetric tiles)
+            kc = (grow + krow) * NSEG + seg_a
+            lse_sk = tl.load(LSE_S + kc, mask=kmask, other=0.0)
+            lse_tk = tl.load(LSE_T + kc, mask=kmask, other=0.0)
+            w_k = tl.load(DKL + kc, mask=kmask, other=0.0) / wmax
+            ds += (tl.exp(s - lse_sk[None, :]) - tl.exp(t - lse_tk[None, :])) * w_k[None, :]
+        ds = to_dot(tl.where(valid, ds, 0.0), DOT_S)
+        acc0 = dot(ds, k0, acc0, PREC_S)
+        if D1 > 0:
+            acc1 = dot(ds, k1, acc1, PREC_S)
+        if ATOMIC_DK or UPPER:
+            if b != diag:  # a diagonal tile's M already holds both directions
+                dst = tl.trans(ds)
+                G = DQ if SYM else DK
+                grow_k = grow if SYM else g * (NSEG * S)  # DK is (G, M, CS): M = NSEG * S keys per group
+                _add_rows(G, grow_k + krow, kmask, CS, dot(dst, q0, None, PREC_S) * out_scale, D0=D0, D1=D1,
+                          OFF=False, ATOMIC=True)
+                if D1 > 0:
+                    _add_rows(G, grow_k + krow, kmask, CS, dot(dst, q1, None, PREC_S) * out_scale, D0=D0,
+                              D1=D1, OFF=True, ATOMIC=True)
+
+    # With UPPER other programs add into these rows too (UPPER implies SYM: the launcher sets both).
+    _add_rows(DQ, grow + rows, rmask, CS, acc0 * out_scale, D0=D0, D1=D1, OFF=False, ATOMIC=UPPER)
+    if D1 > 0:
+        _add_rows(DQ, grow + rows, rmask, CS, acc1 * out_scale, D0=D0, D1=D1, OFF=True, ATOMIC=UPPER)
 
 
 @_RES
@@ -379,33 +465,17 @@ def _rkl_bwd_dk_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
-_KERNEL_NAMES = {"fwd": "relational_kl.fwd", "dq": "relational_kl.dq", "dk": "relational_kl.dk"}
+_KERNEL_NAMES = {"fwd": "relational_kl.fwd", "bwd": "relational_kl.bwd", "dk": "relational_kl.dk"}
 
 
 def _interpret() -> bool:
     return interpret()
 
 
-def _gemm_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    """The dtype both GEMM operands of one side are cast to.
-
-    Equal dtypes: that dtype (fp64: fp32). fp32 with one 16-bit type (say, an fp32 memory bank against bf16
-    features under autocast): the 16-bit type, as autocast's matmul would. fp16 with bf16: fp32.
-    """
-    if torch.float64 in (a, b):
-        # The fp32 accumulators cannot take fp64 dot products: fp64 inputs are computed in fp32.
-        return torch.float32
-    if a == b:
-        return a
-    if {a, b} == {torch.float16, torch.bfloat16}:
-        return torch.float32
-    return a if a != torch.float32 else b
-
-
 def _dot_dtype(a: torch.dtype, b: torch.dtype):
     """``(DOT, PREC)`` constexprs of one side: the GEMM dtype and, for fp32 GEMMs, the input precision
     that ``torch.get_float32_matmul_precision()`` asks for ("ieee" for "highest", else "tf32")."""
-    d = _gemm_dtype(a, b)
+    d = gemm_dtype(a, b)
     return TL_DTYPE[d], (fp32_precision() if d == torch.float32 else None)
 
 
@@ -422,10 +492,6 @@ _CANDIDATES: dict[str, dict[str, list[tuple[tuple[int, int, int, int, int], str]
         "fwd": [((128, 64, 64, 8, 2), "R"), ((64, 64, 64, 8, 2), "RC"), ((64, 128, 32, 8, 3), "RC"),
                 ((128, 64, 32, 8, 3), "RC"), ((64, 64, 32, 8, 3), "RC"), ((128, 32, 32, 8, 3), "RC"),
                 ((64, 32, 32, 4, 3), "RC"), ((64, 64, 32, 4, 3), "R")],
-        # (128, 64, 64, 8, 2) "R" removed: 48 B of spills on sm_90 at C = 40 (attention-KL d=40).
-        "dq": [((64, 64, 64, 8, 2), "R"), ((64, 128, 32, 8, 3), "R"),
-               ((128, 64, 32, 8, 3), "R"), ((64, 64, 32, 8, 3), "RC"), ((128, 32, 32, 8, 3), "RC"),
-               ((64, 32, 32, 4, 3), "R"), ((64, 64, 32, 4, 3), "R")],
         "dk": [((64, 64, 64, 8, 2), "R"), ((64, 128, 32, 8, 3), "R"), ((128, 64, 32, 8, 3), "R"),
                ((64, 64, 32, 8, 3), "RC"), ((128, 32, 32, 8, 3), "RC"), ((64, 32, 32, 4, 3), "RC"),
                ((64, 64, 32, 4, 3), "R")],
@@ -437,9 +503,6 @@ _CANDIDATES: dict[str, dict[str, list[tuple[tuple[int, int, int, int, int], str]
         "fwd": [((64, 64, 32, 8, 3), "RC"), ((64, 64, 32, 8, 1), "RC"), ((64, 32, 32, 8, 2), "RC"),
                 ((64, 32, 32, 8, 1), "RC"), ((32, 32, 32, 4, 1), "RC"), ((128, 32, 32, 8, 3), "R"),
                 ((64, 64, 32, 4, 3), "R")],
-        "dq": [((64, 64, 32, 8, 3), "R"), ((64, 64, 32, 8, 1), "RC"), ((64, 32, 32, 8, 2), "RC"),
-               ((64, 32, 32, 8, 1), "RC"), ((32, 32, 32, 8, 2), "RC"), ((32, 32, 32, 4, 1), "RC"),
-               ((128, 32, 32, 8, 3), "R")],
         "dk": [((64, 64, 32, 8, 3), "RC"), ((128, 32, 32, 8, 3), "RC"), ((64, 64, 32, 8, 1), "RC"),
                ((64, 32, 32, 8, 2), "RC"), ((64, 32, 32, 8, 1), "RC"), ((32, 32, 32, 4, 1), "RC"),
                ((64, 64, 32, 4, 3), "R")],
@@ -451,14 +514,34 @@ _CANDIDATES: dict[str, dict[str, list[tuple[tuple[int, int, int, int, int], str]
         "fwd": [((64, 64, 32, 8, 2), "RC"), ((64, 64, 32, 8, 1), "RC"), ((64, 32, 32, 8, 1), "RC"),
                 ((64, 32, 32, 4, 2), "RC"), ((32, 32, 32, 4, 2), "RC"), ((32, 32, 32, 4, 1), "RC"),
                 ((64, 32, 16, 4, 2), "RC")],
-        "dq": [((64, 64, 32, 8, 2), "R"), ((64, 64, 32, 8, 1), "RC"), ((64, 32, 32, 8, 1), "C"),
-               ((32, 32, 32, 8, 2), "RC"), ((64, 32, 32, 8, 2), "R"), ((32, 32, 32, 4, 1), "RC"),
-               ((64, 32, 16, 4, 2), "R")],
         "dk": [((64, 64, 32, 8, 1), "C"), ((64, 32, 32, 8, 1), "RC"), ((32, 32, 32, 8, 2), "RC"),
                ((64, 32, 32, 8, 2), "RC"), ((32, 32, 32, 4, 1), "RC"), ((32, 32, 32, 4, 2), "R"),
                ((64, 32, 16, 4, 2), "R")],
     },
 }
+
+
+# Candidate tiles of the one-recompute backward ``_rkl_bwd_kernel`` ("relational_kl.bwd") per GEMM
+# precision class: ``(BLOCK_N, BLOCK_M, BLOCK_C, num_warps, num_stages)`` and the widest student channel
+# block ``D0 + D1`` each may hold in registers (its row tile and fp32 gradient tile are resident; BLOCK_C
+# tiles the teacher's channels). Configs with BLOCK_N == BLOCK_M serve the symmetric path too. Chosen by
+# compiling every mode (SYM/UPPER/ATOMIC_DK) at D = 48, 64, 128, 256 for sm_90 (scripts/compile_audit.py).
+# Removed for spills (bytes per thread): 16-bit (64,32,32,4,2) 32 B at D=48; TF32 (64,64,32,8,2) 36 B
+# (symmetric, D=48); IEEE fp32 spills in every 32-row tile at D=48 (up to 932 B) and (32,32,16,4,1)
+# 764 B at D=256, so IEEE (torch's "highest" precision, FMA dots) runs 16-row tiles.
+_BWD_CANDIDATES: dict[str, list[tuple[tuple[int, int, int, int, int], int]]] = {
+    "16bit": [((64, 64, 64, 8, 2), 64), ((64, 64, 32, 8, 2), 128), ((32, 32, 32, 4, 2), 128),
+              ((32, 32, 32, 4, 1), 256), ((32, 64, 32, 8, 1), 256)],
+    "tf32": [((64, 64, 32, 8, 1), 64), ((32, 64, 32, 8, 1), 64), ((32, 32, 32, 8, 1), 256),
+             ((32, 32, 32, 4, 1), 256)],
+    "ieee": [((16, 16, 32, 8, 1), 256), ((16, 16, 32, 4, 1), 256), ((16, 16, 16, 8, 1), 256)],
+}
+
+
+# Student channel counts above this take the chunked backward (kernels/relational_kl_chunked.py: cuBLAS
+# GEMMs over row chunks and one fused elementwise kernel): a register-resident gradient tile wider than
+# 256 fp32 columns does not fit next to the logit tiles. Tests lower it to force the chunked path.
+REGISTER_MAX_C = 256
 
 
 def _precision_class(dtype: torch.dtype, precision: str | None) -> str:
@@ -473,23 +556,42 @@ def _precision_class(dtype: torch.dtype, precision: str | None) -> str:
 
 
 def _configs(which: str, n: int, s: int, c: int, dtype: torch.dtype = torch.bfloat16,
-             precision: str | None = None) -> list[TileConfig]:
-    """GPU candidate tiles of kernel ``which`` ("fwd", "dq", "dk") for ``n`` rows, segments of ``s``
+             precision: str | None = None, cs: int | None = None, symmetric: bool = False) -> list[TileConfig]:
+    """GPU candidate tiles of kernel ``which`` ("fwd", "bwd", "dk") for ``n`` rows, segments of ``s``
     keys, at most ``c`` channels per side and GEMM dtype ``dtype`` (fp32: ``precision`` "ieee"/"tf32",
-    default: torch's current fp32 matmul precision).
+    default: torch's current fp32 matmul precision). "bwd" also takes ``cs`` (the student's channel
+    count: its register sub-blocks, default ``c``) and ``symmetric`` (the self-relation path: square
+    tiles, BLOCK_N == BLOCK_M).
 
     A key tile never spans two segments, so BLOCK_M is capped at the segment length rounded up to a
     power of two (16 at least, the tl.dot minimum): RDD's P=16 segments run 16-key tiles, long segments
     use online rescaling across tiles. Row and channel tiles are capped the same way. On GPUs the
     autotuner picks among these, keyed by the problem sizes (and dtypes). Only configs that compile
-    without register spills for this channel count are listed (see ``_CANDIDATES``).
+    without register spills for this channel count are listed (see ``_CANDIDATES``/``_BWD_CANDIDATES``).
     """
     p2 = triton.next_power_of_2
     bm_cap = max(16, min(128, p2(max(1, s))))
     bn_cap = max(16, min(128, p2(max(1, n))))
     bc_cap = max(16, min(128, p2(max(1, c))))
+    pclass = _precision_class(dtype, precision)
     out: list[TileConfig] = []
-    for (bn, bm, bc, w, st), where in _CANDIDATES[_precision_class(dtype, precision)][which]:
+    if which == "bwd":
+        d0, d1 = split_channels(c if cs is None else cs)
+        for (bn, bm, bc, w, st), dmax in _BWD_CANDIDATES[pclass]:
+            if d0 + d1 > dmax:
+                continue
+            if symmetric:  # rows are key tiles of the same segments: square tiles
+                if bn != bm:
+                    continue
+                bn = bm = min(bm, bm_cap)
+            else:
+                bn, bm = min(bn, bn_cap), min(bm, bm_cap)
+            cfg = TileConfig({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_C": min(bc, bc_cap)}, num_warps=w,
+                             num_stages=st)
+            if cfg not in out:
+                out.append(cfg)
+        return out
+    for (bn, bm, bc, w, st), where in _CANDIDATES[pclass][which]:
         if ("R" if c <= bc else "C") not in where:
             continue  # this config spills for this channel count (or was not checked there)
         cfg = TileConfig({"BLOCK_N": min(bn, bn_cap), "BLOCK_M": min(bm, bm_cap), "BLOCK_C": min(bc, bc_cap)},
@@ -503,24 +605,31 @@ for _which, _name in _KERNEL_NAMES.items():
     register_configs(_name)(functools.partial(_configs, _which))
 
 
-def _interpreter_config(n: int, s: int, c: int) -> TileConfig:
+def _interpreter_config(which: str, n: int, s: int, c: int, symmetric: bool = False, **_) -> TileConfig:
     # The interpreter runs one config (no tuning): large channel tiles keep the numpy work per tile big.
     # tests/test_tile_configs.py runs every GPU config through the interpreter with force_config.
     p2 = triton.next_power_of_2
-    return TileConfig({"BLOCK_N": max(16, min(64, p2(max(1, n)))), "BLOCK_M": max(16, min(64, p2(max(1, s)))),
-                       "BLOCK_C": max(16, min(128, p2(max(1, c))))}, num_warps=4, num_stages=1)
+    bn, bm = max(16, min(64, p2(max(1, n)))), max(16, min(64, p2(max(1, s))))
+    if symmetric:
+        bn = bm
+    return TileConfig({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_C": max(16, min(128, p2(max(1, c))))},
+                      num_warps=4, num_stages=1)
+
+
+_RAW = {"fwd": _rkl_fwd_kernel, "bwd": _rkl_bwd_kernel, "dk": _rkl_bwd_dk_kernel}
+# Autotuning keys: the problem sizes, and for the backward its mode (a different loop structure).
+_TUNE_KEYS = {"fwd": ["N", "S", "NSEG", "CS", "CT"], "dk": ["N", "S", "NSEG", "CS", "CT"],
+              "bwd": ["N", "S", "NSEG", "CS", "CT", "SYM", "UPPER", "ATOMIC_DK"]}
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel_name: str, configs: tuple[TileConfig, ...]):
-    kernel = {"fwd": _rkl_fwd_kernel, "dq": _rkl_bwd_dq_kernel, "dk": _rkl_bwd_dk_kernel}[kernel_name]
+def _tuned(which: str, configs: tuple[TileConfig, ...]):
     cfgs = [triton.Config(c.block_dict, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
-    # Every launch rewrites all of its outputs (the scratch gradient rows are zeroed inside the kernel),
-    # so benchmarking a config repeatedly is harmless.
-    return triton.autotune(cfgs, key=["N", "S", "NSEG", "CS", "CT"])(kernel)
-
-
-_RAW = {"fwd": _rkl_fwd_kernel, "dq": _rkl_bwd_dq_kernel, "dk": _rkl_bwd_dk_kernel}
+    # The forward and the dk kernel rewrite all of their outputs (dk zeroes its scratch rows itself); the
+    # backward adds into its gradient buffers with atomics, so the autotuner zeroes them before each
+    # benchmarked run.
+    reset = ["DQ", "DK"] if which == "bwd" else None
+    return triton.autotune(cfgs, key=_TUNE_KEYS[which], reset_to_zero=reset)(_RAW[which])
 
 
 def _launch(which: str, grid_fn, problem: dict, args: tuple, kwargs: dict) -> None:
@@ -529,8 +638,10 @@ def _launch(which: str, grid_fn, problem: dict, args: tuple, kwargs: dict) -> No
     name = _KERNEL_NAMES[which]
     cfg = forced_config(name)
     if cfg is None and _interpret():
-        cfg = _interpreter_config(problem["n"], problem["s"], problem["c"])
+        cfg = _interpreter_config(which, **problem)
     if cfg is not None:
+        if problem.get("symmetric") and cfg["BLOCK_N"] != cfg["BLOCK_M"]:
+            raise ValueError(f"{name}: the symmetric backward needs BLOCK_N == BLOCK_M, got {cfg}")
         _RAW[which][grid_fn(cfg.block_dict)](*args, **kwargs, **cfg.block_dict, num_warps=cfg.num_warps,
                                               num_stages=cfg.num_stages)
     else:
@@ -540,7 +651,7 @@ def _launch(which: str, grid_fn, problem: dict, args: tuple, kwargs: dict) -> No
 def _problem(N: int, S: int, CS: int, CT: int, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
              k_t: torch.Tensor) -> dict:
     """The :func:`_configs` keywords of a launch: fp32 configs when either side's GEMM is fp32."""
-    dts = {_gemm_dtype(q_s.dtype, k_s.dtype), _gemm_dtype(q_t.dtype, k_t.dtype)}
+    dts = {gemm_dtype(q_s.dtype, k_s.dtype), gemm_dtype(q_t.dtype, k_t.dtype)}
     dtype = torch.float32 if torch.float32 in dts else dts.pop()
     return dict(n=N, s=S, c=max(CS, CT), dtype=dtype, precision=fp32_precision())
 
@@ -578,18 +689,62 @@ def relational_kl_fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k
     return kl, lse_s, lse_t
 
 
+BACKWARD_PATHS = ("symmetric", "symmetric-deterministic", "one-pass", "two-pass", "rows", "keys", "chunked")
+
+
+def backward_path(cs: int, symmetric: bool, need_dq: bool, need_dk: bool,
+                  deterministic: bool | None = None) -> str:
+    """Which backward :func:`relational_kl_bwd` runs (GEMM units of ``2 N M C`` in brackets):
+
+    * ``"chunked"``: student channels above :data:`REGISTER_MAX_C` (kernels/relational_kl_chunked.py;
+      no atomics; 2 symmetric, 4 otherwise, 3 with only the row gradient);
+    * ``"symmetric"``: the self-relation (q is k on both sides) with atomics, each unordered tile pair
+      once (2); ``"symmetric-deterministic"``: every ordered pair, no atomics (3);
+    * ``"one-pass"``: row and key gradients from one recompute, key gradient by atomics (4);
+      ``"two-pass"``: the deterministic alternative, rows then keys, each recomputing the tiles (6);
+    * ``"rows"``: only the row gradient (keys read through an index, the memory bank) (3);
+      ``"keys"``: only the key gradient (3).
+
+    ``deterministic`` defaults to ``torch.are_deterministic_algorithms_enabled()`` (read on the host).
+    """
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if cs > REGISTER_MAX_C:
+        return "chunked"
+    if symmetric:
+        return "symmetric-deterministic" if deterministic else "symmetric"
+    if need_dq and need_dk:
+        return "two-pass" if deterministic else "one-pass"
+    return "rows" if need_dq else "keys"
+
+
 def relational_kl_bwd(dkl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
                       k_t: torch.Tensor, k_index: torch.Tensor | None, lse_s: torch.Tensor, lse_t: torch.Tensor,
-                      scale_s: float, scale_t: float, segment_size: int, need_dq: bool, need_dk: bool
-                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients (fp32, contiguous ``(G1, G2, rows, CS)``) of ``sum(dkl * KL)`` w.r.t. q_s and k_s."""
+                      scale_s: float, scale_t: float, segment_size: int, need_dq: bool, need_dk: bool,
+                      symmetric: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients (fp32, contiguous ``(G1, G2, rows, CS)``) of ``sum(dkl * KL)`` w.r.t. q_s and k_s.
+
+    ``symmetric``: ``q_s is k_s`` and ``q_t is k_t`` (no index): returns ``(dX, None)``, the whole gradient
+    of that one tensor (both its query and its key role). The path is :func:`backward_path`'s."""
     G1, G2, N, CS = q_s.shape
     CT = q_t.shape[3]
     M = k_index.shape[0] if k_index is not None else k_s.shape[2]
     S = segment_size
     nseg = M // S
     dev = q_s.device
+    if need_dk and k_index is not None:
+        raise ValueError("relational_kl: no gradient flows to keys read through an index (the memory bank)")
+    if symmetric and (k_index is not None or k_s.shape[2] != N):
+        raise ValueError("relational_kl: the symmetric backward needs q_s is k_s and no key index")
+    if not (need_dq or need_dk):
+        return None, None
+    path = backward_path(CS, symmetric, need_dq, need_dk)
     dkl = dkl.to(torch.float32).contiguous()
+    if path == "chunked":
+        from fastdistill.kernels.relational_kl_chunked import relational_kl_bwd_chunked
+
+        return relational_kl_bwd_chunked(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t,
+                                         segment_size, need_dq or symmetric, need_dk and not symmetric, symmetric)
     wmax = dkl.abs().amax().reshape(1)
     wmax = torch.where(wmax > 0, wmax, torch.ones_like(wmax))
     dot_s, prec_s = _dot_dtype(q_s.dtype, k_s.dtype)
@@ -597,23 +752,35 @@ def relational_kl_bwd(dkl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q
     problem = _problem(N, S, CS, CT, q_s, k_s, q_t, k_t)
     common = dict(DOT_S=dot_s, DOT_T=dot_t, PREC_S=prec_s, PREC_T=prec_t)
     strides = (*_strides(q_s), *_strides(k_s), *_strides(q_t), *_strides(k_t))
+    scales = (float(scale_s), float(scale_t))
     dq = dk = None
-    if need_dq:
-        dq = _alloc.empty((G1, G2, N, CS), dtype=torch.float32, device=dev)
-        idx = k_index if k_index is not None else q_s
-        _launch("dq", lambda b: launch_grid("relational_kl.dq", G1 * G2 * triton.cdiv(N, b["BLOCK_N"])), problem,
-                (q_s, k_s, q_t, k_t, idx, lse_s, lse_t, dkl, wmax, dq,
-                 G2, N, S, nseg, CS, CT, *strides, float(scale_s), float(scale_t)),
-                dict(HAS_IDX=k_index is not None, **common))
-    if need_dk:
-        if k_index is not None:
-            raise ValueError("relational_kl: no gradient flows to keys read through an index (the memory bank)")
+    if path != "keys":
+        sym = path.startswith("symmetric")
+        upper, atomic_dk = path == "symmetric", path == "one-pass"
+        # Buffers that receive atomics start at zero; the others are fully written.
+        dq = (torch.zeros if upper else _alloc.empty)((G1, G2, N, CS), dtype=torch.float32, device=dev)
+        if atomic_dk:
+            dk = torch.zeros((G1, G2, k_s.shape[2], CS), dtype=torch.float32, device=dev)
+        d0, d1 = split_channels(CS)
+        idx = k_index if k_index is not None else q_s  # dummy pointer when unused
+        bwd_problem = dict(problem, cs=CS, symmetric=sym)
+
+        def grid(b):
+            own = nseg * triton.cdiv(S, b["BLOCK_M"]) if sym else triton.cdiv(N, b["BLOCK_N"])
+            return launch_grid("relational_kl.bwd", G1 * G2 * own)
+
+        _launch("bwd", grid, bwd_problem,
+                (q_s, k_s, q_t, k_t, idx, lse_s, lse_t, dkl, wmax, dq, dk if dk is not None else dq,
+                 G2, N, S, nseg, CS, CT, *strides, *scales),
+                dict(HAS_IDX=k_index is not None, SYM=sym, UPPER=upper, ATOMIC_DK=atomic_dk, D0=d0, D1=d1,
+                     **common))
+    if path in ("two-pass", "keys"):
         Mk = k_s.shape[2]
         dk = _alloc.empty((G1, G2, Mk, CS), dtype=torch.float32, device=dev)
         _launch("dk", lambda b: launch_grid("relational_kl.dk", G1 * G2 * nseg * triton.cdiv(S, b["BLOCK_M"])),
                 problem,
                 (q_s, k_s, q_t, k_t, lse_s, lse_t, dkl, wmax, dk,
-                 G2, N, Mk, S, nseg, CS, CT, *strides, float(scale_s), float(scale_t)),
+                 G2, N, Mk, S, nseg, CS, CT, *strides, *scales),
                 common)
     return dq, dk
 

@@ -331,17 +331,31 @@ def _rkl_scenarios(subset: bool):
                 q_s = torch.empty((1, 1, N, CS), dtype=dt)
                 q_t = torch.empty((1, 1, N, CT), dtype=dt)
                 k_s, k_t, idx = q_s, q_t, None
+            sym = d4 is None and idx is None  # RDD's self-relation: the symmetric backward
             with _fp32_matmul_precision(prec):
                 kl, ls, lt = K.relational_kl_fwd(q_s, k_s, q_t, k_t, idx, 0.5, 0.5, S)
-                K.relational_kl_bwd(torch.ones_like(kl), q_s, k_s, q_t, k_t, idx, ls, lt, 0.5, 0.5, S,
-                                    True, idx is None)
+                # Both backward modes: fast (atomics: symmetric upper triangle / one-pass) and
+                # deterministic (symmetric full loop / two-pass with the dk kernel).
+                old = torch.are_deterministic_algorithms_enabled()
+                try:
+                    for det in (False, True):
+                        torch.use_deterministic_algorithms(det)
+                        K.relational_kl_bwd(torch.ones_like(kl), q_s, k_s, q_t, k_t, idx, ls, lt, 0.5, 0.5, S,
+                                            True, idx is None and not sym, sym)
+                finally:
+                    torch.use_deterministic_algorithms(old)
         out.append((name, run))
 
     for dt, dn, prec in _dtypes(subset):
         pair(f"rdd pairs {dn} C=64/64 P=16", 1024, 64, 64, 16, dt, prec=prec)
         pair(f"attn-kl {dn} d=64 L=256", 256, 64, 64, 256, dt, d4=(1, 2), prec=prec)
+        if subset and dn == "bf16" or not subset:  # the chunked backward's elementwise kernel
+            pair(f"rdd pairs {dn} C=320/64 P=64 (chunked)", 256, 320, 64, 64, dt, prec=prec)
         if not subset:
-            pair(f"rdd pairs {dn} C=320/1280 P=16", 1024, 320, 1280, 16, dt, prec=prec)
+            pair(f"attn-kl {dn} d=320 L=128 (chunked)", 128, 320, 320, 128, dt, d4=(1, 2), prec=prec)
+            pair(f"rdd pairs {dn} C=320/1280 P=16", 1024, 320, 1280, 16, dt, prec=prec)  # chunked backward
+            pair(f"rdd pairs {dn} C=256/64 P=256", 1024, 256, 64, 256, dt, prec=prec)  # widest register tile
+            pair(f"rdd pairs {dn} C=40/1280 P=64", 1024, 40, 1280, 64, dt, prec=prec)  # 32+16 sub-blocks
             pair(f"attn-kl {dn} d=40 L=256", 256, 40, 40, 256, dt, d4=(1, 2), prec=prec)
             pair(f"rdd bank {dn} C=128 idx=1024", 256, 128, 128, 1024, dt, n_idx=1024, prec=prec)
     if not subset:
@@ -385,9 +399,20 @@ def _attention_scenarios(subset: bool):
                 for ctx in _forced_configs("attention.fwd", **problem):
                     with ctx:
                         o, lse = A.attention_forward(q, k, v, m, d ** -0.5, layout)
-                for ctx in _forced_configs("attention.bwd", **problem):
+                for ctx in _forced_configs("attention.bwd", **problem):  # the fast backward (default)
                     with ctx:
                         A.attention_backward(torch.empty_like(o), q, k, v, o, lse, m, d ** -0.5, layout)
+                # The deterministic backward (_attn_bwd_dkdv + _attn_bwd_dq): chosen on the host by
+                # torch.are_deterministic_algorithms_enabled().
+                det, warn = torch.are_deterministic_algorithms_enabled(), \
+                    torch.is_deterministic_algorithms_warn_only_enabled()
+                torch.use_deterministic_algorithms(True)
+                try:
+                    for ctx in _forced_configs("attention.bwd_det", **problem):
+                        with ctx:
+                            A.attention_backward(torch.empty_like(o), q, k, v, o, lse, m, d ** -0.5, layout)
+                finally:
+                    torch.use_deterministic_algorithms(det, warn_only=warn)
         tag = f"attn {dn} d={d} Lq={lq} Lk={lk}" + (" mask" if bias else "") + ("" if layout == "bhld" else " blhd")
         out.append((tag, run))
 

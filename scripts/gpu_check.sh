@@ -12,14 +12,17 @@
 #   selftest  fastdistill selftest --quick --json OUTDIR/selftest.json
 #   tests     python -m pytest -m gpu tests (the GPU tests and the op tests on CUDA tensors), with a
 #             per-test timeout when pytest-timeout is installed
+#   race      python scripts/race_check.py --device cuda --json OUTDIR/race.json: the atomic backward paths
+#             (fused_rdd_loss, attention_kl, fused_attention) run twice: max |run1 - run2| reported, both
+#             against float64; under torch.use_deterministic_algorithms(True) the runs must be bit-identical
 #   bench     python bench/report.py --quick --out OUTDIR/bench (headline case of every op; ceilings
 #             measured in the same run; it stops starting new cases before its budget runs out)
 #   audit     python scripts/compile_audit.py --subset --arch 90 (when the script exists)
-# Everything is written under OUTDIR: one log per stage (NN-stage.log), selftest.json, bench/*.json|md|png,
+# Everything is written under OUTDIR: one log per stage (NN-stage.log), selftest.json, race.json, bench/*.json|md|png,
 # audit/*.md and summary.txt, the table printed last.
 #
 # Budgets in seconds can be overridden per stage: GPU_CHECK_BUDGET_INSTALL=200, ..._INFO, ..._SELFTEST,
-# ..._TESTS, ..._BENCH, ..._AUDIT (the test of the dry run sets one to 1 to see TIMED OUT reported).
+# ..._TESTS, ..._RACE, ..._BENCH, ..._AUDIT (the test of the dry run sets one to 1 to see TIMED OUT reported).
 # PYTHON picks the interpreter (default: python).
 set -u
 
@@ -39,17 +42,18 @@ cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python}
 export PYTHONUNBUFFERED=1
 
-# Default budgets: 130 + 20 + 120 + 130 + 110 + 30 = 540 s = 9 minutes. The selftest compiles (and autotunes)
-# every Triton kernel first; the tests stage reuses Triton's on-disk cache it leaves behind.
+# Default budgets: 130 + 20 + 110 + 110 + 40 + 100 + 30 = 540 s = 9 minutes. The selftest compiles (and
+# autotunes) every Triton kernel first; the tests and race stages reuse Triton's on-disk cache it leaves behind.
 if [ $DRY -eq 1 ]; then
-  B_INSTALL=30; B_INFO=60; B_SELFTEST=120; B_TESTS=120; B_BENCH=150; B_AUDIT=60
+  B_INSTALL=30; B_INFO=60; B_SELFTEST=120; B_TESTS=120; B_RACE=120; B_BENCH=150; B_AUDIT=60
 else
-  B_INSTALL=130; B_INFO=20; B_SELFTEST=120; B_TESTS=130; B_BENCH=110; B_AUDIT=30
+  B_INSTALL=130; B_INFO=20; B_SELFTEST=110; B_TESTS=110; B_RACE=40; B_BENCH=100; B_AUDIT=30
 fi
 B_INSTALL=${GPU_CHECK_BUDGET_INSTALL:-$B_INSTALL}
 B_INFO=${GPU_CHECK_BUDGET_INFO:-$B_INFO}
 B_SELFTEST=${GPU_CHECK_BUDGET_SELFTEST:-$B_SELFTEST}
 B_TESTS=${GPU_CHECK_BUDGET_TESTS:-$B_TESTS}
+B_RACE=${GPU_CHECK_BUDGET_RACE:-$B_RACE}
 B_BENCH=${GPU_CHECK_BUDGET_BENCH:-$B_BENCH}
 B_AUDIT=${GPU_CHECK_BUDGET_AUDIT:-$B_AUDIT}
 
@@ -151,6 +155,28 @@ passed=$(grep -cE '(PASSED|XPASS)( |$)' "$LOG")
 failed=$(grep -cE '(FAILED|ERROR)( |$)' "$LOG")
 skipped=$(grep -cE 'SKIPPED( |$)' "$LOG")
 record tests "$passed passed, $failed failed/errors, $skipped skipped${TIMEOUT_FLAG:+ (per-test $TIMEOUT_FLAG)}"
+
+# ------------------------------------------------------------------------------------------ race
+# The interpreter runs one program at a time, so the CPU suite cannot see races between atomics: here
+# the atomic paths run twice on the GPU (the dry run checks the plumbing on CPU, where nothing races).
+rm -f "$OUTDIR/race.json"
+if [ $DRY -eq 1 ]; then
+  stage race "$B_RACE" "$PY scripts/race_check.py --device cpu --json '$OUTDIR/race.json'"
+else
+  stage race "$B_RACE" "$PY scripts/race_check.py --device cuda --json '$OUTDIR/race.json'"
+fi
+if [ -f "$OUTDIR/race.json" ]; then
+  key=$($PY -c "
+import json, sys
+rows = json.load(open(sys.argv[1]))['rows']
+bad = [r for r in rows if not r['ok']]
+fast = max([r['max_abs_diff'] for r in rows if r['mode'] == 'fast'], default=0.0)
+det = all(r['bit_identical'] for r in rows if r['mode'] == 'deterministic')
+print(f\"{len(rows) - len(bad)} ok, {len(bad)} failed; fast max |run1-run2| {fast:.2e}; deterministic bit-identical: {'yes' if det else 'NO'}\")" "$OUTDIR/race.json" 2>/dev/null)
+else
+  key="no race.json written"
+fi
+record race "$key"
 
 # ------------------------------------------------------------------------------------------ bench
 BENCH_LEFT=$((B_BENCH > 40 ? B_BENCH - 30 : B_BENCH / 2))  # stop starting cases in time to write results

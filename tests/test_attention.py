@@ -4,6 +4,7 @@ reference backend."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 import fastdistill
 from fastdistill import _triton, dispatch
+from fastdistill.kernels._common import launch_grid
 from fastdistill.kernels.attention import split_head_dim
 from fastdistill.ops.attention import attention_reference
 from fastdistill.testing import backend_device_params, backends_under_test, check_against_reference, randn
@@ -355,8 +357,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fastdistill.kernels import attention as ka
 
-PTRS = {"Q", "K", "V", "Out", "dO", "dK", "dV", "dQ", "Lse", "Delta", "Bias"}
-F32_PTRS = {"Lse", "Delta", "Bias"}
+PTRS = {"Q", "K", "V", "Out", "dO", "dK", "dV", "dQ", "dQacc", "Lse", "Delta", "Bias"}
+F32_PTRS = {"Lse", "Delta", "Bias", "dQacc"}
 
 def signature(fn, dtype, consts):
     sig = {}
@@ -376,12 +378,14 @@ for arch, dtype, d in [(90, "bf16", 80), (90, "bf16", 64), (80, "fp32", 256)]:
     d0, d1 = ka.split_head_dim(d)
     bm, bn, w, st = ka._fwd_config(d0 + d1, 4096, 4096, esize)
     kbm, kbn, qbm, qbn, bw, bst = ka._bwd_config(d0 + d1, esize)
+    fbm, fbn, fw, fst = ka._bwd_fast_config(d0 + d1, esize)
     common = dict(HAS_BIAS=True, D=d, D0=d0, D1=d1, DOT=tl.float32 if dtype == "fp32" else tl.bfloat16,
                   PREC="tf32" if dtype == "fp32" else None)
     jobs = [(ka._attn_fwd, dict(common, BLOCK_M=bm, BLOCK_N=bn), w, st),
             (ka._attn_bwd_preprocess, dict(D=d, D0=d0, D1=d1, BLOCK_M=64), 4, 1),
             (ka._attn_bwd_dkdv, dict(common, BLOCK_M=kbm, BLOCK_N=kbn), bw, bst),
-            (ka._attn_bwd_dq, dict(common, BLOCK_M=qbm, BLOCK_N=qbn), bw, bst)]
+            (ka._attn_bwd_dq, dict(common, BLOCK_M=qbm, BLOCK_N=qbn), bw, bst),
+            (ka._attn_bwd_fused, dict(common, BLOCK_M=fbm, BLOCK_N=fbn), fw, fst)]
     for fn, consts, warps, stages in jobs:
         k = triton.compile(ASTSource(fn=fn, signature=signature(fn, dtype, consts), constexprs=consts),
                            target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
@@ -409,7 +413,7 @@ def test_kernels_compile_for_gpu_without_one():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("triton's bundled ptxas is missing: cannot compile for a GPU here")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 12, proc.stdout
+    assert proc.stdout.count("ok ") == 15, proc.stdout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,3 +542,124 @@ def test_triton_takes_head_dims_that_are_not_multiples_of_8(backend, d):
     # The kernel masks the columns past D, so no head dim up to 256 needs a fallback.
     q, k, v = _qkv(1, 1, 9, 12, d, torch.float32)
     _check(q, k, v, backend=backend, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two backward paths (issue 16): by default the fast one (kernels.attention._attn_bwd_fused: one
+# recompute per tile pair, 5 GEMMs, dq through fp32 atomics); under torch.use_deterministic_algorithms(True)
+# the two kernels without atomics (_attn_bwd_dkdv + _attn_bwd_dq: 7 GEMMs, bit-identical runs).
+# The other tests of this file run the fast path (the default).
+# ----------------------------------------------------------------------------------------------
+
+PATHS = ["fast", "deterministic"]
+# Launch-grid names of each path's backward kernels (besides the shared delta preprocess).
+PATH_KERNELS = {"fast": {"attention.bwd_fused"}, "deterministic": {"attention.bwd_dkdv", "attention.bwd_dq"}}
+
+
+@contextlib.contextmanager
+def _path(path):
+    """Select a backward path the way users do. warn_only: the GPU reference's cuBLAS calls would raise
+    under strict determinism without CUBLAS_WORKSPACE_CONFIG; the kernels read only whether it is on."""
+    old, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(path == "deterministic", warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old, warn_only=old_warn)
+
+
+def _bwd_kernels(grids):
+    return {name for name, _ in grids if name.startswith("attention.bwd") and name != "attention.bwd_preprocess"}
+
+
+# (dtype, head dim, Lq, Lk, mask shape): tails everywhere (the interpreter's tiles are 32-64 rows, capped to
+# the data), several key tiles adding into one dq row, both head-dim sub-blocks, masks.
+PATH_CASES = {
+    "fp32-d40-1x77": (torch.float32, 40, 1, 77, None),  # one query row, a partial second key tile
+    "bf16-d80-33x77-bhqk": (torch.bfloat16, 80, 33, 77, (1, 2, 33, 77)),  # 64+16 split, dense mask
+    "fp16-d160-17x70-b1k": (torch.float16, 160, 17, 70, (1, 1, 70)),  # 128+32 split, diffusers' key mask
+    "fp32-d64-77x33-bh1k": (torch.float32, 64, 77, 33, (1, 2, 1, 33)),  # Lq > Lk: 3 query tiles per key tile
+    "bf16-d40-19x1": (torch.bfloat16, 40, 19, 1, None),  # a single key
+}
+
+
+@pytest.mark.parametrize("backend,device", TRITON_CASES)
+@pytest.mark.parametrize("case", list(PATH_CASES))
+@pytest.mark.parametrize("path", PATHS)
+def test_backward_paths_against_float64(backend, device, path, case):
+    dtype, d, lq, lk, mask_shape = PATH_CASES[case]
+    q, k, v = _qkv(1, 2, lq, lk, d, dtype, device=device)
+    if lk == 1:  # softmax over one key is 1: dq = dk = 0 exactly; see test_lengths (only dv is compared)
+        q.requires_grad_(False)
+        k.requires_grad_(False)
+    kw = {} if mask_shape is None else {"attn_mask": _mask(mask_shape, dtype, device)}
+    with _path(path), launch_grid.recording() as grids:
+        _check(q, k, v, backend=backend, dtype=dtype, **kw)
+    assert _bwd_kernels(grids) == PATH_KERNELS[path]
+
+
+@pytest.mark.parametrize("backend,device", TRITON_CASES)
+@pytest.mark.parametrize("path", PATHS)
+def test_backward_paths_fully_masked_rows(backend, device, path):
+    # lse = +inf for a row whose keys are all -inf: p = 0, so zero (finite) dq rows (on the fast path: zero
+    # adds from each of the 2 key tiles), and keys that no live query sees get zero dk/dv.
+    B, H, Lq, Lk, D = 2, 2, 7, 70, 40
+    q, k, v = _qkv(B, H, Lq, Lk, D, torch.float32, device=device)
+    mask = _fully_masked((B, 1, Lk), [(1, 0)]).to(device)  # every key of sample 1 dropped
+    dmask = _fully_masked((B, H, Lq, Lk), [(0, 1, 3), (0, 0, 6)]).to(device)
+    with _path(path), dispatch.use_backend(backend):
+        out = fastdistill.fused_attention(q, k, v, attn_mask=mask)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.rand_like(out) + 0.5)
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    assert dq[1].abs().max().item() == 0 and dk[1].abs().max().item() == 0 and dv[1].abs().max().item() == 0
+    with _path(path):
+        res = _check_sdpa(q, k, v, backend=backend, attn_mask=dmask)
+    assert res.grads[0][0, 1, 3].abs().max().item() == 0 and res.grads[0][0, 0, 6].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("backend,device", TRITON_CASES)
+@pytest.mark.parametrize("path", PATHS)
+def test_backward_repeats(backend, device, path):
+    """Two runs of the backward on the same inputs. Deterministic path: bit-identical everywhere. Fast path:
+    dq's fp32 atomic adds land in whatever order the GPU runs the key tiles, so on a GPU dq may differ in its
+    last bits (dk and dv are reduced in registers in a fixed order: identical). The interpreter runs the
+    programs one at a time, so races are invisible on CPU and the fast path repeats exactly there; the GPU
+    run of this test (scripts/gpu_check.sh runs the gpu-marked cases) is the real race check."""
+    # 150 keys: 3 key tiles (interpreter tiles of 64) add into every dq row.
+    q, k, v = _qkv(1, 2, 40, 150, 40, torch.bfloat16, device=device)
+    mask = _mask((1, 1, 150), torch.bfloat16, device)
+    do = randn(1, 2, 40, 40, dtype=torch.bfloat16, device=device)
+
+    def grads():
+        with _path(path), dispatch.use_backend(backend):
+            out = fastdistill.fused_attention(q, k, v, attn_mask=mask)
+            return torch.autograd.grad(out, (q, k, v), do)
+
+    first, second = grads(), grads()
+    racy = path == "fast" and device != "cpu"
+    for i, (a, b) in enumerate(zip(first, second)):
+        if racy and i == 0:
+            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2 * a.abs().max().item())
+        else:
+            assert torch.equal(a, b), f"{path}: grad {i} differs between two runs"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", PATHS)
+def test_gpu_backward_repeats_on_real_shapes(path):
+    """Race check on a GPU shape with many key tiles adding into each dq row (atomics contend)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v, do = (torch.randn(2, 8, 1024, 64, generator=gen).cuda().bfloat16() for _ in range(4))
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+
+    def grads():
+        with _path(path), dispatch.use_backend("triton"):
+            return torch.autograd.grad(fastdistill.fused_attention(q, k, v), (q, k, v), do)
+
+    runs = [grads() for _ in range(3)]
+    for other in runs[1:]:
+        for i, (a, b) in enumerate(zip(runs[0], other)):
+            if path == "fast" and i == 0:  # dq: atomics, ulp-level differences allowed
+                torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * a.abs().max().item())
+            else:
+                assert torch.equal(a, b), f"{path}: grad {i} differs between runs"

@@ -76,9 +76,9 @@ def test_compile_audit_subset(tmp_path: Path) -> None:
             if re.search(r"\b(bf16|f16|tf32)\b", dot):  # 16-bit and TF32 GEMMs run on tensor cores
                 assert mma in (("wgmma", "mma") if arch == 90 else ("mma",)), (kernel, spec, config, mma)
         # Every GEMM kernel family is covered in 16-bit, and its 16-bit records show tensor cores.
-        for gemm in ("relational_kl._rkl_fwd_kernel", "relational_kl._rkl_bwd_dq_kernel",
-                     "relational_kl._rkl_bwd_dk_kernel", "attention._attn_fwd", "attention._attn_bwd_dkdv",
-                     "attention._attn_bwd_dq"):
+        for gemm in ("relational_kl._rkl_fwd_kernel", "relational_kl._rkl_bwd_kernel",
+                     "relational_kl._rkl_bwd_dk_kernel", "attention._attn_fwd", "attention._attn_bwd_fused",
+                     "attention._attn_bwd_dkdv", "attention._attn_bwd_dq"):
             sixteen = [r for r in rows if r[0] == gemm and re.search(r"\b(bf16|f16)\b", r[7])]
             assert sixteen, f"sm_{arch}: no 16-bit record of {gemm}"
             assert all(r[8] != "none (fma)" for r in sixteen)

@@ -1,8 +1,8 @@
 """scripts/gpu_check.sh --dry-run: every stage's plumbing on a CPU (install command printed and its
-tools checked, info, selftest of one op, a tiny test selection, the benchmark report of the ceilings
-case, the compile audit's command line), one log per stage, the summary table last, and a stage whose
-budget runs out reported as TIMED OUT while the next stages still run. Also the --quick selection of
-bench/report.py."""
+tools checked, info, selftest of one op, a tiny test selection, the race check through the Triton
+interpreter, the benchmark report of the ceilings case, the compile audit's command line), one log per
+stage, the summary table last, and a stage whose budget runs out reported as TIMED OUT while the next
+stages still run. Also the --quick selection of bench/report.py and scripts/race_check.py's verdicts."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
-STAGES = ["install", "info", "selftest", "tests", "bench", "audit"]
+STAGES = ["install", "info", "selftest", "tests", "race", "bench", "audit"]
 
 
 def test_dry_run_writes_every_stage_and_reports_a_timeout(tmp_path):
@@ -40,7 +40,7 @@ def test_dry_run_writes_every_stage_and_reports_a_timeout(tmp_path):
             status[m.group(1)] = m.group(2)
     assert list(status) == STAGES, summary
     assert status["info"] == "TIMED OUT", summary
-    for stage in ("install", "selftest", "tests", "bench", "audit"):
+    for stage in ("install", "selftest", "tests", "race", "bench", "audit"):
         assert status[stage] == "ok", f"{stage}: {status[stage]}\n{log}"
 
     logs = sorted(x.name for x in out.glob("*.log"))
@@ -50,10 +50,49 @@ def test_dry_run_writes_every_stage_and_reports_a_timeout(tmp_path):
     assert st["failed"] == 0 and st["passed"] > 0 and {r["op"] for r in st["rows"]} == {"adversarial_losses"}
     assert re.search(r"selftest +ok .* \d+ passed, 0 failed \(cpu\)", summary)
     assert re.search(r"tests +ok .* 2 passed, 0 failed", summary)
+    race = json.loads((out / "race.json").read_text())
+    assert race["device"] == "cpu" and {(r["case"], r["mode"]) for r in race["rows"]} == {
+        (c, m) for c in ("fused_rdd_loss", "attention_kl", "fused_attention") for m in ("fast", "deterministic")}
+    assert all(r["ok"] and r["bit_identical"] and r["ref_rel_err"] < 1e-4 for r in race["rows"]), race
+    assert re.search(r"race +ok .* 6 ok, 0 failed; fast max \|run1-run2\| \S+; deterministic bit-identical: yes",
+                     summary), summary
+    assert "atomics cannot race here" in (out / "05-race.log").read_text()
     bench = list((out / "bench").glob("*.json"))
     assert len(bench) == 1 and list((out / "bench").glob("*.md"))
     payload = json.loads(bench[0].read_text())
     assert payload["selection"]["quick"] is True and payload["ceilings"]["copy_bytes_per_s"] > 0
+    assert payload["ceilings"]["exp_per_s"] > 0  # the exp floor's rate, measured in the same run
+    assert {r["floor_term"] for r in payload["results"]} <= {"gemm", "bytes", "exp"}
+
+
+def _race_check():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import race_check
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    return race_check
+
+
+def test_race_check_verdicts():
+    """Deterministic runs must be bit-identical; fast runs may differ a little; both must match float64."""
+    import torch
+
+    rc = _race_check()
+    ref = [torch.linspace(-1, 1, 64, dtype=torch.float64).reshape(8, 8)]
+    a = [ref[0].float()]
+    b = [a[0].clone()]
+    b[0][3, 4] = torch.nextafter(b[0][3, 4], torch.tensor(2.0))  # one ulp: an atomic add's reordering
+    same = rc.compare([a, [a[0].clone()]], ref, deterministic=True)
+    assert same["ok"] and same["bit_identical"] and same["max_abs_diff"] == 0.0
+    fast = rc.compare([a, b], ref, deterministic=False)
+    assert fast["ok"] and not fast["bit_identical"] and 0 < fast["max_abs_diff"] < 1e-6
+    det = rc.compare([a, b], ref, deterministic=True)
+    assert not det["ok"] and "deterministic runs differ" in det["why"]
+    off = rc.compare([a, [a[0] + 1e-2]], ref, deterministic=False)
+    assert not off["ok"] and "reference error" in off["why"]
+    nan = rc.compare([a, [torch.full_like(a[0], float("nan"))]], ref, deterministic=False)
+    assert not nan["ok"] and "non-finite" in nan["why"]
 
 
 def test_quick_selection_keeps_the_first_case_of_each_benchmark():

@@ -154,7 +154,20 @@ def _attention(B, H, L, D, mask: bool):
     q, k, v = _meta(B, H, L, D), _meta(B, H, L, D), _meta(B, H, L, D)
     bias = _meta(1, 1, L, L) if mask else None
     out, lse = ka.attention_forward(q, k, v, bias, 0.125, "bhld")
-    ka.attention_backward(_meta(B, H, L, D), q, k, v, out, lse, bias, 0.125, "bhld")
+    with _modes() as modes:  # the fast backward (dq by atomics) and the deterministic two-kernel one
+        for det in modes:
+            torch.use_deterministic_algorithms(det)
+            ka.attention_backward(_meta(B, H, L, D), q, k, v, out, lse, bias, 0.125, "bhld")
+
+
+@contextlib.contextmanager
+def _modes():
+    """Yields both values of torch's deterministic switch (for a loop that sets it); restores it after."""
+    old = torch.are_deterministic_algorithms_enabled()
+    try:
+        yield (False, True)
+    finally:
+        torch.use_deterministic_algorithms(old)
 
 
 def _attention_heads():
@@ -173,8 +186,15 @@ def _relational_kl():
     qs, ks = _meta(BIG, 1, 16, 8, dtype=f32), _meta(BIG, 1, 16, 8, dtype=f32)
     qt, kt = _meta(BIG, 1, 16, 12, dtype=f32), _meta(BIG, 1, 16, 12, dtype=f32)
     kl, lse_s, lse_t = kr.relational_kl_fwd(qs, ks, qt, kt, None, 1.0, 1.0, 16)
-    kr.relational_kl_bwd(_meta(BIG, 1, 16, 1, dtype=f32), qs, ks, qt, kt, None, lse_s, lse_t, 1.0, 1.0, 16,
-                         True, True)
+    dkl = _meta(BIG, 1, 16, 1, dtype=f32)
+    wide = _meta(BIG, 1, 16, kr.REGISTER_MAX_C + 8, dtype=f32)  # the chunked backward
+    with _modes() as modes:
+        for det in modes:  # one-pass / two-pass, symmetric (atomics / deterministic), chunked
+            torch.use_deterministic_algorithms(det)
+            kr.relational_kl_bwd(dkl, qs, ks, qt, kt, None, lse_s, lse_t, 1.0, 1.0, 16, True, True)
+            kr.relational_kl_bwd(dkl, qs, qs, qt, qt, None, lse_s, lse_t, 1.0, 1.0, 16, True, False, True)
+            kr.relational_kl_bwd(dkl, wide, wide, qt, qt, None, lse_s, lse_t, 1.0, 1.0, 16, True, False, True)
+            kr.relational_kl_bwd(dkl, wide, wide.clone(), qt, kt, None, lse_s, lse_t, 1.0, 1.0, 16, True, True)
     y, rn = kr.pixel_normalize_fwd(_meta(BIG, 8, 2, 2, dtype=f32), 1e-6)
     kr.pixel_normalize_bwd(_meta(BIG * 4, 8, dtype=f32), y, rn, [BIG, 8, 2, 2], torch.float32)
 

@@ -173,7 +173,12 @@ def test_opcheck_custom_ops():
 
     gen = testing.generator()
     q_s, k_s, q_t, k_t = (t.unsqueeze(0).unsqueeze(0) for t in _inputs(None, 4, 6, 3, 3, torch.float32, gen))
-    torch.library.opcheck(mod._triton_op, (q_s, k_s, q_t.detach(), k_t.detach(), None, 1.0, 0.5, 3),
+    torch.library.opcheck(mod._triton_op, (q_s, k_s, q_t.detach(), k_t.detach(), None, 1.0, 0.5, 3, False),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # The self-relation: one tensor in both roles (the symmetric backward).
+    x = testing.randn(1, 1, 6, 3, gen=gen, requires_grad=True)
+    xt = testing.randn(1, 1, 6, 5, gen=gen)
+    torch.library.opcheck(mod._triton_op, (x, x, xt, xt, None, 1.0, 0.5, 3, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -254,3 +259,115 @@ def test_reference_core_row_chunks_autograd_and_memory(monkeypatch, case):
     if case == "index":  # the bank rows are constants: nothing flows back to k_s
         (g_none,) = torch.autograd.grad((kl * w).sum(), [k_s], allow_unused=True)
         assert g_none is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward paths (kernels/relational_kl.py: backward_path) and deterministic mode
+
+def test_backward_path_rule(monkeypatch):
+    from fastdistill.kernels import relational_kl as K
+
+    bp = K.backward_path
+    assert bp(64, True, True, False, deterministic=False) == "symmetric"
+    assert bp(64, True, True, False, deterministic=True) == "symmetric-deterministic"
+    assert bp(64, False, True, True, deterministic=False) == "one-pass"
+    assert bp(64, False, True, True, deterministic=True) == "two-pass"
+    assert bp(64, False, True, False, deterministic=False) == "rows"
+    assert bp(64, False, False, True, deterministic=True) == "keys"
+    assert bp(K.REGISTER_MAX_C + 1, True, True, False, deterministic=False) == "chunked"
+    assert bp(K.REGISTER_MAX_C, False, True, True, deterministic=True) == "two-pass"
+    # The default follows torch's switch, read when the backward runs.
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert bp(64, False, True, True) == "two-pass"
+
+
+def _record_paths(monkeypatch):
+    from fastdistill.kernels import relational_kl as K
+
+    seen = []
+    orig = K.backward_path
+
+    def spy(*a, **kw):
+        seen.append(orig(*a, **kw))
+        return seen[-1]
+
+    monkeypatch.setattr(K, "backward_path", spy)
+    return seen
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backward paths")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
+def test_each_op_takes_its_backward_path(monkeypatch, deterministic):
+    """The self-relations take the symmetric path, keys with a gradient the one-pass (or two-pass) path,
+    the memory bank the rows-only path; wider students the chunked path."""
+    from fastdistill.kernels import relational_kl as K
+
+    seen = _record_paths(monkeypatch)
+    gen = testing.generator()
+    s = testing.randn(2, 12, 3, 5, gen=gen, requires_grad=True)
+    t = testing.randn(2, 7, 3, 5, gen=gen)
+    x, y = testing.randn(20, 9, gen=gen, requires_grad=True), testing.randn(20, 4, gen=gen)
+    k = testing.randn(20, 9, gen=gen, requires_grad=True)
+    q4 = testing.randn(1, 2, 9, 16, gen=gen, requires_grad=True)
+    bank = torch.nn.functional.normalize(testing.randn(30, 12, gen=gen), dim=1)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        with fastdistill.use_backend("triton"):
+            fastdistill.fused_rdd_loss(s, t).backward()
+            fastdistill.fused_rdd_loss(s, t, pairs="intra").backward()
+            relational_kl(x, x, y, y, segment_size=5, normalize=True).backward()
+            relational_kl(x, k, y, y).backward()
+            fastdistill.attention_kl(q4, q4 * 1.0, q4.detach(), q4.detach()).backward()
+            fastdistill.memory_p2p_loss(s, t[:, :7].detach().repeat(1, 2, 1, 1)[:, :12], bank,
+                                        index=torch.arange(0, 30, 3)).backward()
+            monkeypatch.setattr(K, "REGISTER_MAX_C", 8)
+            relational_kl(x, x, y, y).backward()
+    finally:
+        torch.use_deterministic_algorithms(old)
+    sym = "symmetric-deterministic" if deterministic else "symmetric"
+    pair = "two-pass" if deterministic else "one-pass"
+    assert seen == [sym, sym, sym, pair, pair, "rows", "chunked"]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backward paths")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["fused_rdd_loss", "relational_kl", "attention_kl"])
+def test_deterministic_mode_is_bit_identical_and_agrees_with_fast(op, dtype):
+    """Under torch.use_deterministic_algorithms(True) two runs give bit-identical gradients; the fast path
+    (atomics) agrees with it within the dtype's tolerance. The interpreter runs programs one at a time, so
+    it cannot show the atomics' run-to-run variation on a GPU: scripts/race_check.py (in
+    scripts/gpu_check.sh) runs these cases twice on the device."""
+    gen = testing.generator()
+    if op == "fused_rdd_loss":
+        a = testing.randn(2, 12, 5, 7, dtype=dtype, gen=gen, requires_grad=True)
+        b = testing.randn(2, 6, 5, 7, dtype=dtype, gen=gen)
+        fn, leaves = (lambda: fastdistill.fused_rdd_loss(a, b, temperature=0.5)), [a]
+    elif op == "relational_kl":
+        a = testing.randn(3, 37, 20, dtype=dtype, gen=gen, requires_grad=True)
+        k = testing.randn(3, 37, 20, dtype=dtype, gen=gen, requires_grad=True)
+        b = testing.randn(3, 37, 9, dtype=dtype, gen=gen)
+        fn, leaves = (lambda: relational_kl(a, k, b, b, segment_size=37, normalize=True)), [a, k]
+    else:
+        a = testing.randn(1, 2, 33, 40, dtype=dtype, gen=gen, requires_grad=True)
+        k = testing.randn(1, 2, 45, 40, dtype=dtype, gen=gen, requires_grad=True)
+        b, bk = testing.randn(1, 2, 33, 24, dtype=dtype, gen=gen), testing.randn(1, 2, 45, 24, dtype=dtype, gen=gen)
+        fn, leaves = (lambda: fastdistill.attention_kl(a, k, b, bk)), [a, k]
+
+    def grads():
+        out = fn()
+        return [out.detach()] + list(torch.autograd.grad(out, leaves))
+
+    old = torch.are_deterministic_algorithms_enabled()
+    try:
+        with fastdistill.use_backend("triton"):
+            torch.use_deterministic_algorithms(True)
+            first, second = grads(), grads()
+            torch.use_deterministic_algorithms(False)
+            fast = grads()
+    finally:
+        torch.use_deterministic_algorithms(old)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y), "deterministic mode: two runs differ"
+    for x, y in zip(fast[1:], first[1:]):
+        testing.assert_close(x, y, rtol=GRAD_RTOL[dtype], name=f"{op} fast vs deterministic ({dtype})")

@@ -153,15 +153,16 @@ def _nseg(k_s: torch.Tensor, k_index: Optional[torch.Tensor], S: int) -> int:
 
 @torch.library.custom_op("fastdistill::relational_kl_triton", mutates_args=(), device_types=("cpu", "cuda"))
 def _triton_op(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
-               k_index: Optional[torch.Tensor], scale_s: float, scale_t: float,
-               segment_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               k_index: Optional[torch.Tensor], scale_s: float, scale_t: float, segment_size: int,
+               symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # ``symmetric`` (q_s is k_s and q_t is k_t) does not change the forward; it selects the backward.
     from fastdistill.kernels import relational_kl as K
 
     return K.relational_kl_fwd(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size)
 
 
 @_triton_op.register_fake
-def _triton_fake(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size):
+def _triton_fake(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size, symmetric):
     shape = (*q_s.shape[:3], _nseg(k_s, k_index, segment_size))
     return (q_s.new_empty(shape, dtype=torch.float32), q_s.new_empty(shape, dtype=torch.float32),
             q_s.new_empty(shape, dtype=torch.float32))
@@ -170,12 +171,12 @@ def _triton_fake(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size):
 @torch.library.custom_op("fastdistill::relational_kl_triton_bwd", mutates_args=(), device_types=("cpu", "cuda"))
 def _triton_bwd_op(dkl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
                    k_index: Optional[torch.Tensor], lse_s: torch.Tensor, lse_t: torch.Tensor, scale_s: float,
-                   scale_t: float, segment_size: int, need_dq: bool,
-                   need_dk: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   scale_t: float, segment_size: int, need_dq: bool, need_dk: bool,
+                   symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from fastdistill.kernels import relational_kl as K
 
     dq, dk = K.relational_kl_bwd(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t,
-                                 segment_size, need_dq, need_dk)
+                                 segment_size, need_dq, need_dk, symmetric)
     # Gradients come back in the inputs' dtypes; an unneeded one is an empty placeholder (custom ops
     # cannot return None).
     dq = dq.to(q_s.dtype) if dq is not None else q_s.new_empty((0,))
@@ -185,30 +186,33 @@ def _triton_bwd_op(dkl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q_t:
 
 @_triton_bwd_op.register_fake
 def _triton_bwd_fake(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t, segment_size, need_dq,
-                     need_dk):
+                     need_dk, symmetric):
     dq = q_s.new_empty(q_s.shape) if need_dq else q_s.new_empty((0,))
     dk = k_s.new_empty(k_s.shape) if need_dk else k_s.new_empty((0,))
     return dq, dk
 
 
 def _setup_context(ctx, inputs, output):
-    q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size = inputs
+    q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size, symmetric = inputs
     _, lse_s, lse_t = output
     ctx.save_for_backward(q_s, k_s, q_t, k_t, k_index, lse_s, lse_t)
-    ctx.args = (scale_s, scale_t, segment_size)
+    ctx.args = (scale_s, scale_t, segment_size, symmetric)
 
 
 def _backward(ctx, dkl, _dlse_s, _dlse_t):
     q_s, k_s, q_t, k_t, k_index, lse_s, lse_t = ctx.saved_tensors
-    scale_s, scale_t, segment_size = ctx.args
+    scale_s, scale_t, segment_size, symmetric = ctx.args
     need_dq = ctx.needs_input_grad[0]
     need_dk = ctx.needs_input_grad[1] and k_index is None
+    none7 = (None,) * 7
     if not (need_dq or need_dk):
-        return None, None, None, None, None, None, None, None
+        return (None, None) + none7
+    if symmetric:  # one tensor in both roles: the whole gradient comes back as dq
+        need_dq, need_dk = True, False
     with no_autocast(autocast_device_type(dkl)):  # a backward run inside the caller's autocast block
         dq, dk = _triton_bwd_op(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t, segment_size,
-                                need_dq, need_dk)
-    return (dq if need_dq else None, dk if need_dk else None, None, None, None, None, None, None)
+                                need_dq, need_dk, symmetric)
+    return (dq if need_dq else None, dk if need_dk else None) + none7
 
 
 _triton_op.register_autograd(_backward, setup_context=_setup_context)
@@ -227,10 +231,15 @@ def relational_kl_core(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, 
     ``"reference"`` :func:`relational_kl_core_reference`. Differentiable w.r.t. ``q_s`` and ``k_s``
     (``k_s`` only without ``k_index``); when ``q_s is k_s`` both gradient contributions add up in that
     tensor. ``q_t`` and ``k_t`` get no gradient.
+
+    When ``q_s is k_s`` and ``q_t is k_t`` (a self-relation: RDD's pixel-to-pixel term) the logit
+    matrices are symmetric and the Triton backward visits each unordered tile pair once (see
+    :func:`fastdistill.kernels.relational_kl.backward_path`).
     """
     if backend == "triton":
+        symmetric = q_s is k_s and q_t is k_t and k_index is None
         kl, _, _ = _triton_op(q_s, k_s, q_t.detach(), k_t.detach(), k_index, float(scale_s), float(scale_t),
-                              int(segment_size))
+                              int(segment_size), symmetric)
         return kl
     if backend != "reference":
         raise ValueError(f"relational_kl_core: backend must be 'triton' or 'reference', got {backend!r}")
@@ -335,21 +344,30 @@ def relational_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
         if segment_size < 1 or M % segment_size != 0:
             raise ValueError(f"{op}: segment_size must be >= 1 and divide the key count M={M}; got {segment_size}")
 
-    same = k_s is q_s
-    q_s, k_s, q_t, k_t = gather_rows([q_s, k_s, q_t, k_t], process_group)
+    # A tensor in both roles is gathered once and stays one tensor: the core sees the self-relation.
+    same, same_t = k_s is q_s, k_t is q_t
+    uniq = [q_s, q_t] + ([] if same else [k_s]) + ([] if same_t else [k_t])
+    gathered = gather_rows(uniq, process_group)
+    q_s, q_t = gathered[0], gathered[1]
+    rest = iter(gathered[2:])
+    k_s = q_s if same else next(rest)
+    k_t = q_t if same_t else next(rest)
     M = k_s.shape[-2]
     S = segment_size if segment_size is not None else M
     backend = dispatch.select_backend(op, q_s, k_s, q_t, k_t)
     if normalize:
         q_s_n = l2_normalize(q_s)
         k_s_n = q_s_n if same else l2_normalize(k_s)
-        q_t, k_t = l2_normalize(q_t), l2_normalize(k_t)
-        q_s, k_s = q_s_n, k_s_n
+        q_t_n = l2_normalize(q_t)
+        k_t = q_t_n if same_t else l2_normalize(k_t)
+        q_s, k_s, q_t = q_s_n, k_s_n, q_t_n
     batched = q_s.dim() == 3
     as4 = (lambda t: t.unsqueeze(1)) if batched else (lambda t: t.unsqueeze(0).unsqueeze(0))
     scale = 1.0 / (float(temperature) * float(kd_temperature))
-    kl = relational_kl_core(as4(q_s), as4(k_s), as4(q_t), as4(k_t), scale_s=scale, scale_t=scale,
-                            segment_size=S, backend=backend)
+    qs4, qt4 = as4(q_s), as4(q_t)
+    ks4 = qs4 if k_s is q_s else as4(k_s)  # one view per tensor: the core sees the self-relation
+    kt4 = qt4 if k_t is q_t else as4(k_t)
+    kl = relational_kl_core(qs4, ks4, qt4, kt4, scale_s=scale, scale_t=scale, segment_size=S, backend=backend)
     kl = kl.squeeze(1) if batched else kl.squeeze(1).squeeze(0)
     if segment_size is None:
         kl = kl.squeeze(-1)
