@@ -33,6 +33,7 @@ Importable on a machine without a GPU. Contents:
   name                  kernel(s)                                        block names
   ===================== ================================================ ============================
   ``relational_kl.fwd`` ``kernels.relational_kl._rkl_fwd_kernel``        BLOCK_N, BLOCK_M, BLOCK_C
+  ``relational_kl.fwd_sym`` ``_rkl_fwd_sym_kernel`` (self-relation)     BLOCK_N == BLOCK_M, BLOCK_C
   ``relational_kl.bwd`` ``kernels.relational_kl._rkl_bwd_kernel``        BLOCK_N, BLOCK_M, BLOCK_C
                         (one recompute per tile; every mode but ``dk``)
   ``relational_kl.dk``  ``kernels.relational_kl._rkl_bwd_dk_kernel``     BLOCK_N, BLOCK_M, BLOCK_C
@@ -199,8 +200,8 @@ def split_channels(d: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 # Tile configs
 
-KERNELS = ("relational_kl.fwd", "relational_kl.bwd", "relational_kl.dk", "attention.fwd", "attention.bwd",
-           "attention.bwd_det")
+KERNELS = ("relational_kl.fwd", "relational_kl.fwd_sym", "relational_kl.bwd", "relational_kl.dk", "attention.fwd",
+           "attention.bwd", "attention.bwd_det")
 FORCE_ENV = "FASTDISTILL_FORCE_CONFIG"
 _META = {"warps": "num_warps", "num_warps": "num_warps", "stages": "num_stages", "num_stages": "num_stages"}
 

@@ -12,6 +12,11 @@ logit tiles (student and teacher, channel counts may differ, channels tiled by `
 fits), keep online-softmax state ``(m_s, l_s, m_t, l_t, A = sum e^{t-m_t} (t - s))`` and write
 ``KL = A / l_t - lse_t + lse_s`` plus the two log-sum-exps. Memory: O(rows x segments).
 
+Symmetric forward (``_rkl_fwd_sym_kernel``, :func:`forward_path`): for the self-relation of rows with
+norm <= 1 (so ``|logit| <= scale``) each unordered tile pair is visited once with one fixed exponent shift
+(the logit bound) instead of the online maximum; the tile's row sums feed row a's softmax over
+segment seg(b), its column sums row b's over seg(a), added into zeroed fp32 buffers with atomics.
+
 Backward (:func:`relational_kl_bwd`; the path is :func:`backward_path`'s, see docs/rdd.md for the table
 of GEMM FLOPs, atomics and memory): ``dKL/d(q_s.k_s) = scale_s (p_s - p_t) dKL``, recomputed from the
 saved LSEs once per (row tile, key tile) pair by ``_rkl_bwd_kernel``. A program owns a row tile; its
@@ -199,6 +204,73 @@ def _rkl_fwd_kernel(
     tl.store(KL + out, kl, mask=rmask)
     tl.store(LSE_S + out, lse_s, mask=rmask)
     tl.store(LSE_T + out, lse_t, mask=rmask)
+
+
+@_RES
+@triton.jit
+def _rkl_fwd_sym_kernel(
+    QS, QT, L_S, L_T, ACC,
+    G2, N, S, NSEG, CS, CT,
+    sqs_g1, sqs_g2, sqs_n, sqs_c,
+    sqt_g1, sqt_g2, sqt_n, sqt_c,
+    scale_s, scale_t, shift_s, shift_t,
+    DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    RES_S: tl.constexpr, RES_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Forward of the self-relation (keys are the rows on both sides) over each unordered tile pair once.
+
+    The logits are bounded (``|logit| <= shift``: L2-normalised rows), so every softmax shares one fixed
+    shift instead of an online maximum, and the partial sums ``l_s = sum e^(s - shift_s)``,
+    ``l_t = sum e^(t - shift_t)`` and ``A = sum e^(t - shift_t) (t - s)`` of a tile pair (a, b) serve both
+    row a's softmax over segment seg(b) (sums along keys) and row b's over seg(a) (sums along rows, the
+    transposed tile): one exponential per logit and side for two rows. They are added into the zeroed
+    fp32 (G, N, NSEG) buffers with atomics; the launcher forms ``lse = shift + log l`` and the KL. Tiles
+    align to the segments (``BLOCK_N == BLOCK_M``)."""
+    pid = tl.program_id(0).to(tl.int64)
+    tps = tl.cdiv(S, BLOCK_M)
+    n_tiles = NSEG * tps
+    a = pid % n_tiles
+    g = pid // n_tiles
+    g1 = g // G2
+    g2 = g % G2
+    seg_a = a // tps
+    loc = (a % tps) * BLOCK_M + tl.arange(0, BLOCK_N).to(tl.int64)
+    rows = seg_a * S + loc
+    rmask = loc < S
+    R = (rows, rmask)
+    qs_base = g1 * sqs_g1 + g2 * sqs_g2
+    qt_base = g1 * sqt_g1 + g2 * sqt_g2
+    XS = (QS, qs_base, sqs_n, sqs_c)
+    XT = (QT, qt_base, sqt_n, sqt_c)
+    stu = (XS, XS, CS)
+    tea = (XT, XT, CT)
+    qs_res = _rows_tile(XS, R, CS, DOT=DOT_S, BLOCK_C=BLOCK_C, TRANS=False) if RES_S else 0.0
+    qt_res = _rows_tile(XT, R, CT, DOT=DOT_T, BLOCK_C=BLOCK_C, TRANS=False) if RES_T else 0.0
+    grow = g * N
+    for b in range(a, n_tiles):
+        seg_b = b // tps
+        kk = (b % tps) * BLOCK_M + tl.arange(0, BLOCK_M)
+        kmask = kk < S
+        krow = seg_b * S + kk.to(tl.int64)
+        K = (krow, kmask)
+        s = _logits(stu, R, K, qs_res, 0.0, DOT=DOT_S, PREC=PREC_S, BLOCK_C=BLOCK_C, A_RES=RES_S,
+                    B_RES=False) * scale_s
+        t = _logits(tea, R, K, qt_res, 0.0, DOT=DOT_T, PREC=PREC_T, BLOCK_C=BLOCK_C, A_RES=RES_T,
+                    B_RES=False) * scale_t
+        valid = rmask[:, None] & kmask[None, :]
+        e_s = tl.where(valid, tl.exp(s - shift_s), 0.0)
+        e_t = tl.where(valid, tl.exp(t - shift_t), 0.0)
+        d = e_t * (t - s)  # zero outside the valid pairs (e_t is)
+        o = (grow + rows) * NSEG + seg_b  # rows a, segment seg(b)
+        tl.atomic_add(L_S + o, tl.sum(e_s, axis=1), mask=rmask)
+        tl.atomic_add(L_T + o, tl.sum(e_t, axis=1), mask=rmask)
+        tl.atomic_add(ACC + o, tl.sum(d, axis=1), mask=rmask)
+        if b != a:  # a diagonal tile already holds both orders of its pairs
+            oc = (grow + krow) * NSEG + seg_a  # rows b, segment seg(a)
+            tl.atomic_add(L_S + oc, tl.sum(e_s, axis=0), mask=kmask)
+            tl.atomic_add(L_T + oc, tl.sum(e_t, axis=0), mask=kmask)
+            tl.atomic_add(ACC + oc, tl.sum(d, axis=0), mask=kmask)
 
 
 @triton.jit
@@ -465,7 +537,8 @@ def _rkl_bwd_dk_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
-_KERNEL_NAMES = {"fwd": "relational_kl.fwd", "bwd": "relational_kl.bwd", "dk": "relational_kl.dk"}
+_KERNEL_NAMES = {"fwd": "relational_kl.fwd", "fwd_sym": "relational_kl.fwd_sym", "bwd": "relational_kl.bwd",
+                 "dk": "relational_kl.dk"}
 
 
 def _interpret() -> bool:
@@ -557,7 +630,7 @@ def _precision_class(dtype: torch.dtype, precision: str | None) -> str:
 
 def _configs(which: str, n: int, s: int, c: int, dtype: torch.dtype = torch.bfloat16,
              precision: str | None = None, cs: int | None = None, symmetric: bool = False) -> list[TileConfig]:
-    """GPU candidate tiles of kernel ``which`` ("fwd", "bwd", "dk") for ``n`` rows, segments of ``s``
+    """GPU candidate tiles of kernel ``which`` ("fwd", "fwd_sym", "bwd", "dk") for ``n`` rows, segments of ``s``
     keys, at most ``c`` channels per side and GEMM dtype ``dtype`` (fp32: ``precision`` "ieee"/"tf32",
     default: torch's current fp32 matmul precision). "bwd" also takes ``cs`` (the student's channel
     count: its register sub-blocks, default ``c``) and ``symmetric`` (the self-relation path: square
@@ -591,9 +664,13 @@ def _configs(which: str, n: int, s: int, c: int, dtype: torch.dtype = torch.bflo
             if cfg not in out:
                 out.append(cfg)
         return out
-    for (bn, bm, bc, w, st), where in _CANDIDATES[pclass][which]:
+    for (bn, bm, bc, w, st), where in _CANDIDATES[pclass]["fwd" if which == "fwd_sym" else which]:
         if ("R" if c <= bc else "C") not in where:
             continue  # this config spills for this channel count (or was not checked there)
+        if which == "fwd_sym":  # square tiles aligned to the segments
+            if bn != bm:
+                continue
+            bn = bm = min(bm, bm_cap)
         cfg = TileConfig({"BLOCK_N": min(bn, bn_cap), "BLOCK_M": min(bm, bm_cap), "BLOCK_C": min(bc, bc_cap)},
                          num_warps=w, num_stages=st)
         if cfg not in out:
@@ -610,15 +687,16 @@ def _interpreter_config(which: str, n: int, s: int, c: int, symmetric: bool = Fa
     # tests/test_tile_configs.py runs every GPU config through the interpreter with force_config.
     p2 = triton.next_power_of_2
     bn, bm = max(16, min(64, p2(max(1, n)))), max(16, min(64, p2(max(1, s))))
-    if symmetric:
+    if symmetric or which == "fwd_sym":
         bn = bm
     return TileConfig({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_C": max(16, min(128, p2(max(1, c))))},
                       num_warps=4, num_stages=1)
 
 
-_RAW = {"fwd": _rkl_fwd_kernel, "bwd": _rkl_bwd_kernel, "dk": _rkl_bwd_dk_kernel}
+_RAW = {"fwd": _rkl_fwd_kernel, "fwd_sym": _rkl_fwd_sym_kernel, "bwd": _rkl_bwd_kernel, "dk": _rkl_bwd_dk_kernel}
 # Autotuning keys: the problem sizes, and for the backward its mode (a different loop structure).
-_TUNE_KEYS = {"fwd": ["N", "S", "NSEG", "CS", "CT"], "dk": ["N", "S", "NSEG", "CS", "CT"],
+_TUNE_KEYS = {"fwd": ["N", "S", "NSEG", "CS", "CT"], "fwd_sym": ["N", "S", "NSEG", "CS", "CT"],
+              "dk": ["N", "S", "NSEG", "CS", "CT"],
               "bwd": ["N", "S", "NSEG", "CS", "CT", "SYM", "UPPER", "ATOMIC_DK"]}
 
 
@@ -626,9 +704,9 @@ _TUNE_KEYS = {"fwd": ["N", "S", "NSEG", "CS", "CT"], "dk": ["N", "S", "NSEG", "C
 def _tuned(which: str, configs: tuple[TileConfig, ...]):
     cfgs = [triton.Config(c.block_dict, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
     # The forward and the dk kernel rewrite all of their outputs (dk zeroes its scratch rows itself); the
-    # backward adds into its gradient buffers with atomics, so the autotuner zeroes them before each
-    # benchmarked run.
-    reset = ["DQ", "DK"] if which == "bwd" else None
+    # backward and the symmetric forward add into their buffers with atomics, so the autotuner zeroes
+    # them before each benchmarked run.
+    reset = {"bwd": ["DQ", "DK"], "fwd_sym": ["L_S", "L_T", "ACC"]}.get(which)
     return triton.autotune(cfgs, key=_TUNE_KEYS[which], reset_to_zero=reset)(_RAW[which])
 
 
@@ -640,7 +718,7 @@ def _launch(which: str, grid_fn, problem: dict, args: tuple, kwargs: dict) -> No
     if cfg is None and _interpret():
         cfg = _interpreter_config(which, **problem)
     if cfg is not None:
-        if problem.get("symmetric") and cfg["BLOCK_N"] != cfg["BLOCK_M"]:
+        if (problem.get("symmetric") or which == "fwd_sym") and cfg["BLOCK_N"] != cfg["BLOCK_M"]:
             raise ValueError(f"{name}: the symmetric backward needs BLOCK_N == BLOCK_M, got {cfg}")
         _RAW[which][grid_fn(cfg.block_dict)](*args, **kwargs, **cfg.block_dict, num_warps=cfg.num_warps,
                                               num_stages=cfg.num_stages)
@@ -660,25 +738,61 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())  # type: ignore[return-value]
 
 
+# The symmetric forward shifts every exponent by the logit bound instead of a running maximum: with
+# |logit| <= shift, e^(logit - shift) >= e^(-2 shift) stays a normal fp32 for shift <= 40 (e^-80 > 2^-126).
+SYM_FWD_MAX_SHIFT = 40.0
+
+
+def forward_path(symmetric: bool, shift_s: float | None, shift_t: float | None,
+                 deterministic: bool | None = None) -> str:
+    """Which forward :func:`relational_kl_fwd` runs: ``"symmetric"`` (each unordered tile pair once, 1 GEMM
+    unit; needs the self-relation, known logit bounds ``shift_s``/``shift_t`` <= :data:`SYM_FWD_MAX_SHIFT`,
+    and atomics allowed) or ``"online"`` (every (row tile, key tile) pair, online softmax, 2 units)."""
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if (symmetric and not deterministic and shift_s is not None and shift_t is not None
+            and max(shift_s, shift_t) <= SYM_FWD_MAX_SHIFT):
+        return "symmetric"
+    return "online"
+
+
 def relational_kl_fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
-                      k_index: torch.Tensor | None, scale_s: float, scale_t: float, segment_size: int
+                      k_index: torch.Tensor | None, scale_s: float, scale_t: float, segment_size: int,
+                      symmetric: bool = False, logit_bound: float | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """4-D inputs ``(G1, G2, N, C)`` / ``(G1, G2, M_or_bank, C)`` -> fp32 ``(G1, G2, N, NSEG)`` KL, lse_s, lse_t."""
+    """4-D inputs ``(G1, G2, N, C)`` / ``(G1, G2, M_or_bank, C)`` -> fp32 ``(G1, G2, N, NSEG)`` KL, lse_s, lse_t.
+
+    ``symmetric``: ``q_s is k_s`` and ``q_t is k_t``; with ``logit_bound`` (a bound on ``|<q, k>|`` of both
+    sides before scaling, 1 for L2-normalised rows) the forward may take :func:`forward_path`'s
+    ``"symmetric"`` path."""
     G1, G2, N, CS = q_s.shape
     CT = q_t.shape[3]
     M = k_index.shape[0] if k_index is not None else k_s.shape[2]
     S = segment_size
     nseg = M // S
     dev = q_s.device
-    kl = _alloc.empty((G1, G2, N, nseg), dtype=torch.float32, device=dev)
-    lse_s = _alloc.empty((G1, G2, N, nseg), dtype=torch.float32, device=dev)
-    lse_t = _alloc.empty((G1, G2, N, nseg), dtype=torch.float32, device=dev)
-    if kl.numel() == 0:
-        return kl, lse_s, lse_t
+    out_shape = (G1, G2, N, nseg)
+    if G1 * G2 * N * nseg == 0:
+        return tuple(_alloc.empty(out_shape, dtype=torch.float32, device=dev) for _ in range(3))
     dot_s, prec_s = _dot_dtype(q_s.dtype, k_s.dtype)
     dot_t, prec_t = _dot_dtype(q_t.dtype, k_t.dtype)
-    idx = k_index if k_index is not None else q_s  # dummy pointer when unused
     problem = _problem(N, S, CS, CT, q_s, k_s, q_t, k_t)
+    shifts = (None, None) if logit_bound is None else (abs(scale_s) * logit_bound, abs(scale_t) * logit_bound)
+    if symmetric and k_index is None and forward_path(True, *shifts) == "symmetric":
+        # Sums of e^(logit - shift) per (row, segment), added by the programs of every tile pair.
+        l_s, l_t, acc = (torch.zeros(out_shape, dtype=torch.float32, device=dev) for _ in range(3))
+        _launch("fwd_sym",
+                lambda b: launch_grid("relational_kl.fwd_sym", G1 * G2 * nseg * triton.cdiv(S, b["BLOCK_M"])),
+                dict(problem, symmetric=True),
+                (q_s, q_t, l_s, l_t, acc, G2, N, S, nseg, CS, CT, *_strides(q_s), *_strides(q_t),
+                 float(scale_s), float(scale_t), *shifts),
+                dict(DOT_S=dot_s, DOT_T=dot_t, PREC_S=prec_s, PREC_T=prec_t))
+        lse_s = l_s.log_().add_(shifts[0])
+        lse_t = l_t.log().add_(shifts[1])
+        kl = acc.div_(l_t).sub_(lse_t).add_(lse_s)
+        return kl, lse_s, lse_t
+    kl, lse_s, lse_t = (_alloc.empty(out_shape, dtype=torch.float32, device=dev) for _ in range(3))
+    idx = k_index if k_index is not None else q_s  # dummy pointer when unused
     _launch("fwd", lambda b: launch_grid("relational_kl.fwd", G1 * G2 * nseg * triton.cdiv(N, b["BLOCK_N"])),
             problem,
             (q_s, k_s, q_t, k_t, idx, kl, lse_s, lse_t,

@@ -333,13 +333,15 @@ def _rkl_scenarios(subset: bool):
                 k_s, k_t, idx = q_s, q_t, None
             sym = d4 is None and idx is None  # RDD's self-relation: the symmetric backward
             with _fp32_matmul_precision(prec):
-                kl, ls, lt = K.relational_kl_fwd(q_s, k_s, q_t, k_t, idx, 0.5, 0.5, S)
-                # Both backward modes: fast (atomics: symmetric upper triangle / one-pass) and
-                # deterministic (symmetric full loop / two-pass with the dk kernel).
+                # Both modes: fast (atomics: the symmetric forward for unit rows, the symmetric upper
+                # triangle / one-pass backward) and deterministic (online forward; symmetric full loop /
+                # two-pass backward with the dk kernel).
                 old = torch.are_deterministic_algorithms_enabled()
                 try:
                     for det in (False, True):
                         torch.use_deterministic_algorithms(det)
+                        kl, ls, lt = K.relational_kl_fwd(q_s, k_s, q_t, k_t, idx, 0.5, 0.5, S, sym,
+                                                         1.0 if sym else None)
                         K.relational_kl_bwd(torch.ones_like(kl), q_s, k_s, q_t, k_t, idx, ls, lt, 0.5, 0.5, S,
                                             True, idx is None and not sym, sym)
                 finally:

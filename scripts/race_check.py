@@ -10,7 +10,9 @@ kernels take the paths without atomics, which must be bit-identical across runs 
 
 Cases (fp32 inputs, so that a reordered fp32 sum is visible rather than hidden by a 16-bit cast):
 
-* ``fused_rdd_loss`` backward (self-relation: the symmetric path, key-side tiles added with atomics);
+* ``fused_rdd_loss`` forward and backward (self-relation: the symmetric forward adds its partial softmax
+  sums with atomics, which reach the gradients through the saved log-sum-exps; the symmetric backward adds
+  the key-side tiles with atomics);
 * ``attention_kl`` backward (the one-pass path: the key gradient by atomics);
 * ``fused_attention`` backward (dq through fp32 atomics).
 

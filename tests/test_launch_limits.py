@@ -186,6 +186,7 @@ def _relational_kl():
     qs, ks = _meta(BIG, 1, 16, 8, dtype=f32), _meta(BIG, 1, 16, 8, dtype=f32)
     qt, kt = _meta(BIG, 1, 16, 12, dtype=f32), _meta(BIG, 1, 16, 12, dtype=f32)
     kl, lse_s, lse_t = kr.relational_kl_fwd(qs, ks, qt, kt, None, 1.0, 1.0, 16)
+    kr.relational_kl_fwd(qs, qs, qt, qt, None, 1.0, 1.0, 16, True, 1.0)  # the symmetric forward
     dkl = _meta(BIG, 1, 16, 1, dtype=f32)
     wide = _meta(BIG, 1, 16, kr.REGISTER_MAX_C + 8, dtype=f32)  # the chunked backward
     with _modes() as modes:

@@ -173,12 +173,12 @@ def test_opcheck_custom_ops():
 
     gen = testing.generator()
     q_s, k_s, q_t, k_t = (t.unsqueeze(0).unsqueeze(0) for t in _inputs(None, 4, 6, 3, 3, torch.float32, gen))
-    torch.library.opcheck(mod._triton_op, (q_s, k_s, q_t.detach(), k_t.detach(), None, 1.0, 0.5, 3, False),
+    torch.library.opcheck(mod._triton_op, (q_s, k_s, q_t.detach(), k_t.detach(), None, 1.0, 0.5, 3, False, None),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     # The self-relation: one tensor in both roles (the symmetric backward).
     x = testing.randn(1, 1, 6, 3, gen=gen, requires_grad=True)
     xt = testing.randn(1, 1, 6, 5, gen=gen)
-    torch.library.opcheck(mod._triton_op, (x, x, xt, xt, None, 1.0, 0.5, 3, True),
+    torch.library.opcheck(mod._triton_op, (x, x, xt, xt, None, 1.0, 0.5, 3, True, 2.0),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -371,3 +371,37 @@ def test_deterministic_mode_is_bit_identical_and_agrees_with_fast(op, dtype):
         assert torch.equal(x, y), "deterministic mode: two runs differ"
     for x, y in zip(fast[1:], first[1:]):
         testing.assert_close(x, y, rtol=GRAD_RTOL[dtype], name=f"{op} fast vs deterministic ({dtype})")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton forward paths")
+def test_symmetric_forward_rule_and_agreement(monkeypatch):
+    """The self-relation's forward visits each unordered tile pair once (a fixed exponent shift, atomics)
+    when the rows have norm <= 1 and the shift keeps every exponential a normal fp32; otherwise, and in
+    deterministic mode, the online forward runs. Both give the same KL and log-sum-exps."""
+    from fastdistill.kernels import relational_kl as K
+
+    assert K.forward_path(True, 10.0, 3.0, deterministic=False) == "symmetric"
+    assert K.forward_path(True, 10.0, 3.0, deterministic=True) == "online"
+    assert K.forward_path(True, K.SYM_FWD_MAX_SHIFT + 1, 3.0, deterministic=False) == "online"  # tiny tau
+    assert K.forward_path(True, None, None, deterministic=False) == "online"  # rows of unknown norm
+    assert K.forward_path(False, 1.0, 1.0, deterministic=False) == "online"
+    gen = testing.generator()
+    x = torch.nn.functional.normalize(testing.randn(2, 1, 45, 24, gen=gen), dim=-1)
+    y = torch.nn.functional.normalize(testing.randn(2, 1, 45, 10, gen=gen), dim=-1)
+    for S in (15, 45):
+        sym = K.relational_kl_fwd(x, x, y, y, None, 3.0, 2.0, S, True, 1.0)
+        online = K.relational_kl_fwd(x, x, y, y, None, 3.0, 2.0, S)
+        for a, b, name in zip(sym, online, ("kl", "lse_s", "lse_t")):
+            testing.assert_close(a, b, rtol=1e-5, name=f"symmetric forward {name} (S={S})")
+    # Which forward the ops take.
+    seen = []
+    orig = K.forward_path
+    monkeypatch.setattr(K, "forward_path", lambda *a, **kw: seen.append(orig(*a, **kw)) or seen[-1])
+    s = testing.randn(2, 6, 3, 5, gen=gen, requires_grad=True)
+    t = testing.randn(2, 7, 3, 5, gen=gen)
+    with fastdistill.use_backend("triton"):
+        fastdistill.fused_rdd_loss(s, t, temperature=0.5)
+        fastdistill.fused_rdd_loss(s, t, temperature=0.01)  # 1/tau = 100: the shift would underflow
+        x2, y2 = x[0, 0], y[0, 0]  # one tensor per side in both roles
+        relational_kl(x2, x2, y2, y2, normalize=True)
+    assert seen == ["symmetric", "online", "symmetric"]

@@ -10,6 +10,8 @@ of the fp32 accumulation.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ from fastdistill.ops.relational_kl import relational_kl, relational_kl_reference
 pytestmark = pytest.mark.skipif(not _common.interpret(), reason="forces GPU configs through the CPU interpreter "
                                 "(TRITON_INTERPRET=1, set by conftest.py); on a GPU the gpu tests run them")
 
-RKL_KERNELS = ("relational_kl.fwd", "relational_kl.bwd", "relational_kl.dk")
+RKL_KERNELS = ("relational_kl.fwd", "relational_kl.bwd", "relational_kl.dk", "relational_kl.fwd_sym")
 # Tolerances as in tests/test_relational_kl.py (values: KL cancellation; see there).
 RKL_RTOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 RKL_GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -44,7 +46,8 @@ RKL_CASES = {
 
 def _rkl_configs(N: int, M: int, Cs: int, Ct: int, S: int | None, dtype: torch.dtype, precision: str,
                  symmetric: bool = False):
-    """One forced (fwd, bwd, dk) triple per index: every config of every kernel appears at least once."""
+    """One forced (fwd, bwd, dk, fwd_sym) tuple per index: every config of every kernel appears at least once
+    (fwd_sym only runs for the self-relation, with square tiles)."""
     seg = M if S is None else S
     problem = dict(n=N, s=seg, c=max(Cs, Ct), dtype=dtype, precision=precision)
     lists = [_common.gpu_configs(k, **problem, **(dict(cs=Cs, symmetric=symmetric) if k.endswith("bwd") else {}))
@@ -93,8 +96,9 @@ def _run_rkl_case(N, M, Cs, Ct, S, dtype, prec, cfgs, *, deterministic=False, sy
     torch.set_float32_matmul_precision("high" if prec == "tf32" else "highest")
     torch.use_deterministic_algorithms(deterministic)
     try:
-        with _common.force_config(RKL_KERNELS[0], cfgs[0]), _common.force_config(RKL_KERNELS[1], cfgs[1]), \
-                _common.force_config(RKL_KERNELS[2], cfgs[2]):
+        with contextlib.ExitStack() as stack:
+            for name, cfg in zip(RKL_KERNELS, cfgs):
+                stack.enter_context(_common.force_config(name, cfg))
             testing.check_against_reference(fn, ref, args, kw, dtype=dtype, backend="triton", rtol=rtol,
                                             grad_rtol=grad_rtol)
     finally:

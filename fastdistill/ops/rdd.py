@@ -149,7 +149,8 @@ def fused_rdd_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature:
         s4, t4 = s.view(1, 1, B * P, -1), t.view(1, 1, B * P, -1)
     else:
         s4, t4 = s.view(B, 1, P, -1), t.view(B, 1, P, -1)
-    kl = relational_kl_core(s4, s4, t4, t4, scale_s=scale, scale_t=scale, segment_size=P, backend=backend)
+    kl = relational_kl_core(s4, s4, t4, t4, scale_s=scale, scale_t=scale, segment_size=P, backend=backend,
+                            unit_rows=True)  # pixels() rows have norm 1 (or 0)
     return kl.mean()
 
 

@@ -154,15 +154,16 @@ def _nseg(k_s: torch.Tensor, k_index: Optional[torch.Tensor], S: int) -> int:
 @torch.library.custom_op("fastdistill::relational_kl_triton", mutates_args=(), device_types=("cpu", "cuda"))
 def _triton_op(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
                k_index: Optional[torch.Tensor], scale_s: float, scale_t: float, segment_size: int,
-               symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # ``symmetric`` (q_s is k_s and q_t is k_t) does not change the forward; it selects the backward.
+               symmetric: bool, logit_bound: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # ``symmetric``: q_s is k_s and q_t is k_t (selects the backward, and with ``logit_bound`` the forward).
     from fastdistill.kernels import relational_kl as K
 
-    return K.relational_kl_fwd(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size)
+    return K.relational_kl_fwd(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size, symmetric,
+                               logit_bound)
 
 
 @_triton_op.register_fake
-def _triton_fake(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size, symmetric):
+def _triton_fake(q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size, symmetric, logit_bound):
     shape = (*q_s.shape[:3], _nseg(k_s, k_index, segment_size))
     return (q_s.new_empty(shape, dtype=torch.float32), q_s.new_empty(shape, dtype=torch.float32),
             q_s.new_empty(shape, dtype=torch.float32))
@@ -193,7 +194,7 @@ def _triton_bwd_fake(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, sc
 
 
 def _setup_context(ctx, inputs, output):
-    q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size, symmetric = inputs
+    q_s, k_s, q_t, k_t, k_index, scale_s, scale_t, segment_size, symmetric, _logit_bound = inputs
     _, lse_s, lse_t = output
     ctx.save_for_backward(q_s, k_s, q_t, k_t, k_index, lse_s, lse_t)
     ctx.args = (scale_s, scale_t, segment_size, symmetric)
@@ -204,15 +205,15 @@ def _backward(ctx, dkl, _dlse_s, _dlse_t):
     scale_s, scale_t, segment_size, symmetric = ctx.args
     need_dq = ctx.needs_input_grad[0]
     need_dk = ctx.needs_input_grad[1] and k_index is None
-    none7 = (None,) * 7
+    rest = (None,) * 8  # no gradient for q_t, k_t, k_index and the non-tensor arguments
     if not (need_dq or need_dk):
-        return (None, None) + none7
+        return (None, None) + rest
     if symmetric:  # one tensor in both roles: the whole gradient comes back as dq
         need_dq, need_dk = True, False
     with no_autocast(autocast_device_type(dkl)):  # a backward run inside the caller's autocast block
         dq, dk = _triton_bwd_op(dkl, q_s, k_s, q_t, k_t, k_index, lse_s, lse_t, scale_s, scale_t, segment_size,
                                 need_dq, need_dk, symmetric)
-    return (dq if need_dq else None, dk if need_dk else None) + none7
+    return (dq if need_dq else None, dk if need_dk else None) + rest
 
 
 _triton_op.register_autograd(_backward, setup_context=_setup_context)
@@ -223,7 +224,7 @@ _triton_op.register_autograd(_backward, setup_context=_setup_context)
 
 def relational_kl_core(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, *,
                        scale_s: float, scale_t: float, segment_size: int, backend: str,
-                       k_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       k_index: Optional[torch.Tensor] = None, unit_rows: bool = False) -> torch.Tensor:
     """Per-(group, row, segment) KL, fp32 ``(G1, G2, N, NSEG)``, on validated 4-D inputs.
 
     The shared core of every relational op (callers validate and pick ``backend`` through
@@ -234,12 +235,14 @@ def relational_kl_core(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, 
 
     When ``q_s is k_s`` and ``q_t is k_t`` (a self-relation: RDD's pixel-to-pixel term) the logit
     matrices are symmetric and the Triton backward visits each unordered tile pair once (see
-    :func:`fastdistill.kernels.relational_kl.backward_path`).
+    :func:`fastdistill.kernels.relational_kl.backward_path`). ``unit_rows``: the caller guarantees rows of
+    L2 norm at most 1 (normalised features), so ``|logit| <= scale`` and a self-relation's forward may
+    visit each unordered tile pair once too (:func:`fastdistill.kernels.relational_kl.forward_path`).
     """
     if backend == "triton":
         symmetric = q_s is k_s and q_t is k_t and k_index is None
         kl, _, _ = _triton_op(q_s, k_s, q_t.detach(), k_t.detach(), k_index, float(scale_s), float(scale_t),
-                              int(segment_size), symmetric)
+                              int(segment_size), symmetric, 1.0 if unit_rows else None)
         return kl
     if backend != "reference":
         raise ValueError(f"relational_kl_core: backend must be 'triton' or 'reference', got {backend!r}")
@@ -367,7 +370,8 @@ def relational_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
     qs4, qt4 = as4(q_s), as4(q_t)
     ks4 = qs4 if k_s is q_s else as4(k_s)  # one view per tensor: the core sees the self-relation
     kt4 = qt4 if k_t is q_t else as4(k_t)
-    kl = relational_kl_core(qs4, ks4, qt4, kt4, scale_s=scale, scale_t=scale, segment_size=S, backend=backend)
+    kl = relational_kl_core(qs4, ks4, qt4, kt4, scale_s=scale, scale_t=scale, segment_size=S, backend=backend,
+                            unit_rows=normalize)
     kl = kl.squeeze(1) if batched else kl.squeeze(1).squeeze(0)
     if segment_size is None:
         kl = kl.squeeze(-1)
