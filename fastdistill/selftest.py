@@ -209,7 +209,7 @@ _RDD_GRAD = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 def _relational_kl(c: Case) -> None:
     from .ops.relational_kl import relational_kl, relational_kl_reference
 
-    # (G, N, M, C_s, C_t, segment_size): C above a GPU channel tile (40 > 32: the scratch path), segments
+    # (G, N, M, C_s, C_t, segment_size): C above a GPU channel tile (40 = 32 + 16 register sub-blocks), segments
     # smaller than a tile, several key tiles with online rescaling (M = 70), sizes of 1.
     shapes = [(2, 9, 30, 40, 20, 15)] if c.quick else [
         (2, 9, 30, 40, 20, 15), (None, 7, 17, 5, 9, None), (3, 5, 12, 3, 37, 4), (None, 20, 70, 16, 8, None),

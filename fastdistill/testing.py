@@ -14,6 +14,7 @@ The contract a kernel is held to:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -39,6 +40,26 @@ AWKWARD_SIZES: tuple[int, ...] = (1, 3, 7, 17, 33, 67, 130)
 # pinning the base (FASTDISTILL_TEST_SEED) replays every draw of a failing test exactly.
 _TEST_SEED: list[int | None] = [None]
 _DRAWS: list[int] = [0]
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool = True):
+    """Run the block with ``torch.use_deterministic_algorithms(on)`` and restore the previous setting
+    (and its ``warn_only`` flag) after: the switch that selects the kernels' atomics-free paths.
+
+    Example::
+
+        with deterministic_algorithms(True):
+            loss.backward()   # no atomics: bit-identical gradients across runs
+    """
+    if not isinstance(on, bool):
+        raise TypeError(f"deterministic_algorithms: on must be a bool, got {type(on).__name__}")
+    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=warn)
 
 
 def start_test_seed() -> int:

@@ -263,14 +263,14 @@ def _rkl_fwd_sym_kernel(
         e_t = tl.where(valid, tl.exp(t - shift_t), 0.0)
         d = e_t * (t - s)  # zero outside the valid pairs (e_t is)
         o = (grow + rows) * NSEG + seg_b  # rows a, segment seg(b)
-        tl.atomic_add(L_S + o, tl.sum(e_s, axis=1), mask=rmask)
-        tl.atomic_add(L_T + o, tl.sum(e_t, axis=1), mask=rmask)
-        tl.atomic_add(ACC + o, tl.sum(d, axis=1), mask=rmask)
+        tl.atomic_add(L_S + o, tl.sum(e_s, axis=1), mask=rmask, sem="relaxed")
+        tl.atomic_add(L_T + o, tl.sum(e_t, axis=1), mask=rmask, sem="relaxed")
+        tl.atomic_add(ACC + o, tl.sum(d, axis=1), mask=rmask, sem="relaxed")
         if b != a:  # a diagonal tile already holds both orders of its pairs
             oc = (grow + krow) * NSEG + seg_a  # rows b, segment seg(a)
-            tl.atomic_add(L_S + oc, tl.sum(e_s, axis=0), mask=kmask)
-            tl.atomic_add(L_T + oc, tl.sum(e_t, axis=0), mask=kmask)
-            tl.atomic_add(ACC + oc, tl.sum(d, axis=0), mask=kmask)
+            tl.atomic_add(L_S + oc, tl.sum(e_s, axis=0), mask=kmask, sem="relaxed")
+            tl.atomic_add(L_T + oc, tl.sum(e_t, axis=0), mask=kmask, sem="relaxed")
+            tl.atomic_add(ACC + oc, tl.sum(d, axis=0), mask=kmask, sem="relaxed")
 
 
 @triton.jit
@@ -319,8 +319,8 @@ def _add_rows(G, rows, rmask, CS, val, D0: tl.constexpr, D1: tl.constexpr, OFF: 
         cols = tl.arange(0, D0)
     ptrs = G + rows[:, None] * CS + cols[None, :]
     m2 = rmask[:, None] & (cols < CS)[None, :]
-    if ATOMIC:
-        tl.atomic_add(ptrs, val, mask=m2)
+    if ATOMIC:  # relaxed: nothing in this launch reads the buffer; the kernel boundary orders later reads
+        tl.atomic_add(ptrs, val, mask=m2, sem="relaxed")
     else:
         tl.store(ptrs, val, mask=m2)
 
@@ -392,11 +392,7 @@ def _rkl_bwd_kernel(
         q1 = _student_rows(QSV, R, CS, DOT=DOT_S, D0=D0, D1=D1, OFF=True)
         acc1 = tl.zeros((BLOCK_N, D1), tl.float32)
     qt_res = _rows_tile(tea[0], R, CT, DOT=DOT_T, BLOCK_C=BLOCK_C, TRANS=False) if RES_T else 0.0
-    if SYM:  # the owner rows as keys of the transposed softmaxes: their statistics over segment seg_a
-        oc = (grow + rows) * NSEG + seg_a
-        lse_sc = tl.load(LSE_S + oc, mask=rmask, other=0.0)
-        lse_tc = tl.load(LSE_T + oc, mask=rmask, other=0.0)
-        w_c = tl.load(DKL + oc, mask=rmask, other=0.0) / wmax
+    if SYM:
         b_start = a if UPPER else 0
         diag = a
     else:
@@ -552,14 +548,15 @@ def _dot_dtype(a: torch.dtype, b: torch.dtype):
     return TL_DTYPE[d], (fp32_precision() if d == torch.float32 else None)
 
 
-# Candidate tiles per GEMM precision class and kernel: ``(BLOCK_N, BLOCK_M, BLOCK_C, num_warps, num_stages)``
+# Candidate tiles of the forward (also the square ones of the symmetric forward) and of the deterministic
+# key-gradient kernel per GEMM precision class: ``(BLOCK_N, BLOCK_M, BLOCK_C, num_warps, num_stages)``
 # and where the config may run: "R" when all channels fit one channel tile (C <= BLOCK_C: query/key tiles
-# resident, RES_S / RES_T), "C" when they do not (channel loop; dq/dk accumulate in the fp32 scratch), "RC"
+# resident, RES_S / RES_T), "C" when they do not (channel loop; dk accumulates in an fp32 scratch), "RC"
 # both. Chosen by compiling every kernel x candidate x variant for sm_90 without a GPU (ptxas -v on
 # Triton's PTX, strides specialised as a launch specialises them): a config is listed for a variant only
 # if it does not spill there. Spilling configs removed (spill bytes per thread, sm_90, bf16):
 # fwd (64,64,64,4,2) 304 / 1896 (R / C), (128,128,64,8,2) 896 / 2496, (64,128,64,8,2) 308 / 1208,
-# (64,32,64,4,3) C 840; dq (64,64,64,4,2) 628 / 2920; dk (128,64,64,8,2) 516 / 1408 (R / C).
+# (64,32,64,4,3) C 840; dk (128,64,64,8,2) 516 / 1408 (R / C).
 _CANDIDATES: dict[str, dict[str, list[tuple[tuple[int, int, int, int, int], str]]]] = {
     "16bit": {
         "fwd": [((128, 64, 64, 8, 2), "R"), ((64, 64, 64, 8, 2), "RC"), ((64, 128, 32, 8, 3), "RC"),
@@ -570,8 +567,7 @@ _CANDIDATES: dict[str, dict[str, list[tuple[tuple[int, int, int, int, int], str]
                ((64, 64, 32, 4, 3), "R")],
     },
     # fp32 inputs on TF32 tensor cores ("high"/"medium"). Removed for spills (C): fwd (64,64,32,4,3) 760,
-    # (64,32,32,4,3) 224, (128,32,32,8,3) 160; dq (64,64,32,4,3) 2588, (64,32,32,4,3) 1168,
-    # (128,32,32,8,3) 752, (64,64,32,8,3) 60; dk (64,64,32,4,3) 2720, (32,64,32,4,3) 1192.
+    # (64,32,32,4,3) 224, (128,32,32,8,3) 160; dk (64,64,32,4,3) 2720, (32,64,32,4,3) 1192.
     "tf32": {
         "fwd": [((64, 64, 32, 8, 3), "RC"), ((64, 64, 32, 8, 1), "RC"), ((64, 32, 32, 8, 2), "RC"),
                 ((64, 32, 32, 8, 1), "RC"), ((32, 32, 32, 4, 1), "RC"), ((128, 32, 32, 8, 3), "R"),
@@ -581,7 +577,7 @@ _CANDIDATES: dict[str, dict[str, list[tuple[tuple[int, int, int, int, int], str]
                ((64, 64, 32, 4, 3), "R")],
     },
     # IEEE fp32 (torch's default "highest"): FMA dots, no tensor cores. Removed for spills (R / C):
-    # fwd (128,128,64,8,2), (64,64,64,4,2); dq (64,32,32,4,2) C 376, (32,64,32,4,2) 168 / 264;
+    # fwd (128,128,64,8,2), (64,64,64,4,2);
     # dk (64,64,32,8,2) 456 / 120, (64,32,32,4,2) 540 / 232, (32,64,32,4,2) 80 / 288.
     "ieee": {
         "fwd": [((64, 64, 32, 8, 2), "RC"), ((64, 64, 32, 8, 1), "RC"), ((64, 32, 32, 8, 1), "RC"),
@@ -719,7 +715,7 @@ def _launch(which: str, grid_fn, problem: dict, args: tuple, kwargs: dict) -> No
         cfg = _interpreter_config(which, **problem)
     if cfg is not None:
         if (problem.get("symmetric") or which == "fwd_sym") and cfg["BLOCK_N"] != cfg["BLOCK_M"]:
-            raise ValueError(f"{name}: the symmetric backward needs BLOCK_N == BLOCK_M, got {cfg}")
+            raise ValueError(f"{name}: the self-relation kernels need square tiles (BLOCK_N == BLOCK_M), got {cfg}")
         _RAW[which][grid_fn(cfg.block_dict)](*args, **kwargs, **cfg.block_dict, num_warps=cfg.num_warps,
                                               num_stages=cfg.num_stages)
     else:
@@ -850,6 +846,8 @@ def relational_kl_bwd(dkl: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, q
         raise ValueError("relational_kl: no gradient flows to keys read through an index (the memory bank)")
     if symmetric and (k_index is not None or k_s.shape[2] != N):
         raise ValueError("relational_kl: the symmetric backward needs q_s is k_s and no key index")
+    if k_index is None and k_s.shape[2] != nseg * S:  # the kernels address key rows as segment * S + key
+        raise ValueError(f"relational_kl: segment_size {S} must divide the key count {k_s.shape[2]}")
     if not (need_dq or need_dk):
         return None, None
     path = backward_path(CS, symmetric, need_dq, need_dk)

@@ -62,9 +62,11 @@ fp32 slabs ``s``, ``t`` plus ``dS`` (``gb x R x W`` each, so at most ``CHUNK_ELE
 192 MiB on CUDA), the fp32 gradients and the prepared operands; never the full ``N x M`` matrix.
 
 Deterministic: no atomics anywhere; every output row is written by one GEMM per chunk and chunks are
-accumulated in a fixed order, so two runs with the same inputs are bit-identical (cuBLAS GEMMs are
-run-to-run reproducible on one GPU and stream; torch's ``CUBLAS_WORKSPACE_CONFIG`` note applies to
-multi-stream use). No host sync: chunk bounds depend on shapes only, ``wmax`` stays on the device.
+accumulated in a fixed order, so two runs with the same inputs are bit-identical. Under
+``torch.use_deterministic_algorithms(True)`` on CUDA, torch requires ``CUBLAS_WORKSPACE_CONFIG=:4096:8``
+(or ``:16:8``) for every cuBLAS GEMM, these included, exactly as for the eager formula; without it torch
+raises a RuntimeError that names the variable. No host sync: chunk bounds depend on shapes only,
+``wmax`` stays on the device.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ checks the plumbing (tiny shapes; every comparison still runs). Exit status 1 wh
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -123,16 +122,10 @@ def compare(runs: list, ref: list, deterministic: bool) -> dict:
             "why": "; ".join(why)}
 
 
-@contextlib.contextmanager
 def deterministic_algorithms(on: bool):
-    import torch
+    from fastdistill.testing import deterministic_algorithms as switch
 
-    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=warn)
+    return switch(on)
 
 
 def run(device: str, cases=CASES) -> list[dict]:

@@ -89,14 +89,7 @@ def _randn(*shape, grad=False):
     return testing.randn(*shape, gen=testing.generator(), requires_grad=grad)
 
 
-@contextlib.contextmanager
-def _deterministic(on: bool):
-    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=warn)
+_deterministic = testing.deterministic_algorithms
 
 
 def _count(fn, leaves, unit, backend: str = "triton") -> tuple[float, float]:

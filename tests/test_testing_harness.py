@@ -191,3 +191,20 @@ def test_failing_case_is_a_failed_test_and_skips_are_skips(pytester, toy_op, mon
     res.assert_outcomes(passed=3, skipped=3)
     res = pytester.runpytest("-q", "-p", "no:cacheprovider", "-m", "gpu")
     res.assert_outcomes(skipped=3, deselected=3)
+
+
+def test_deterministic_algorithms_switch_restores_state():
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    with testing.deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        with testing.deterministic_algorithms(False):
+            assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.are_deterministic_algorithms_enabled()
+    assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) == before
+    with pytest.raises(RuntimeError):
+        with testing.deterministic_algorithms(True):
+            raise RuntimeError("restored even on error")
+    assert torch.are_deterministic_algorithms_enabled() == before[0]
+    with pytest.raises(TypeError, match="bool"):
+        with testing.deterministic_algorithms(1):
+            pass

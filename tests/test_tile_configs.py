@@ -92,18 +92,16 @@ def _run_rkl_case(N, M, Cs, Ct, S, dtype, prec, cfgs, *, deterministic=False, sy
     kw = dict(temperature=0.7, kd_temperature=1.3, segment_size=S, normalize=True, reduction="none")
     rtol, grad_rtol = (TF32_RTOL, TF32_GRAD_RTOL) if prec == "tf32" else (RKL_RTOL[dtype], RKL_GRAD_RTOL[dtype])
     old = torch.get_float32_matmul_precision()
-    old_det = torch.are_deterministic_algorithms_enabled()
     torch.set_float32_matmul_precision("high" if prec == "tf32" else "highest")
-    torch.use_deterministic_algorithms(deterministic)
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(testing.deterministic_algorithms(deterministic))
             for name, cfg in zip(RKL_KERNELS, cfgs):
                 stack.enter_context(_common.force_config(name, cfg))
             testing.check_against_reference(fn, ref, args, kw, dtype=dtype, backend="triton", rtol=rtol,
                                             grad_rtol=grad_rtol)
     finally:
         torch.set_float32_matmul_precision(old)
-        torch.use_deterministic_algorithms(old_det)
 
 
 @pytest.mark.parametrize("case,dtype,prec,cfgs", _rkl_params())
